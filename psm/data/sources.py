@@ -1,0 +1,182 @@
+"""The one entry point for task data: `load(task, split)` -> records with stable ids.
+
+Each task is a TFDS builder (see `psm.data.builders`) written as array_record
+files into a cache (`data_dir`, default `~/.cache/psm/tfds`) on first use and
+read back with `as_data_source()`; no TensorFlow is involved.
+
+Raw files come from a local folder with the layout `<root>/<dataset>/...`
+(`<root>/gsm8k/train.jsonl`, `<root>/math/train/algebra/0.json`,
+`<root>/humaneval/HumanEval.jsonl.gz`, `<root>/alpaca/alpaca_data.json`,
+`<root>/glue/glue_data/SST-2/train.tsv`, ...), where `<root>` is the
+`manual_dir` argument or else the `PSM_DATA_DIR` environment variable. When a
+root is given it is the only source: a missing folder or file is an error
+that names what to put where. With no root, the builders download from the
+original public URLs (when the network answers within a few seconds).
+
+A built cache is reused as is; delete `<data_dir>/<builder>/` to rebuild
+after the raw files change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from psm.data.builders import alpaca, glue, gsm8k, hendrycks_math, humaneval
+from psm.data.builders.base import MissingDataError, SourceBuilder
+
+DEFAULT_DATA_DIR = os.path.join("~", ".cache", "psm", "tfds")
+DATA_DIR_ENV = "PSM_DATA_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """How a task name maps onto a builder.
+
+    Attributes:
+      builder: the builder class.
+      config: the builder config name; None for builders without configs, or
+        "auto" for Alpaca (full file when present, else the 1k sample).
+      dataset: the dataset folder in the shared layout (`<root>/<dataset>/`).
+      splits: the split names.
+    """
+
+    builder: type[SourceBuilder]
+    config: str | None
+    dataset: str
+    splits: tuple[str, ...]
+
+
+_GLUE_SPLITS = ("train", "validation", "test")
+KNOWN_TASKS: Mapping[str, TaskSpec] = {
+    "gsm8k": TaskSpec(gsm8k.Gsm8k, None, "gsm8k", ("train", "test")),
+    "math": TaskSpec(hendrycks_math.HendrycksMath, None, "math", ("train", "test")),
+    "humaneval": TaskSpec(humaneval.HumanEval, None, "humaneval", ("test",)),
+    "alpaca": TaskSpec(alpaca.Alpaca, "auto", "alpaca", ("train",)),
+    "alpaca_full": TaskSpec(alpaca.Alpaca, "full", "alpaca", ("train",)),
+    "alpaca_1k": TaskSpec(alpaca.Alpaca, "sample_1k", "alpaca", ("train",)),
+    **{name: TaskSpec(glue.Glue, name, "glue", _GLUE_SPLITS) for name in glue.CONFIGS},
+}
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The `TaskSpec` of `task`; ValueError listing the known names otherwise."""
+    if task not in KNOWN_TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(KNOWN_TASKS))}")
+    return KNOWN_TASKS[task]
+
+
+def _manual_root(manual_dir) -> tuple[epath.Path | None, str]:
+    if manual_dir is not None:
+        return epath.Path(os.path.expanduser(os.fspath(manual_dir))), "manual_dir"
+    env = os.environ.get(DATA_DIR_ENV, "").strip()
+    if env:
+        return epath.Path(os.path.expanduser(env)), f"${DATA_DIR_ENV}"
+    return None, ""
+
+
+def _alpaca_config(folder: epath.Path | None) -> str:
+    if folder is None:
+        return alpaca.FULL.name
+    if (folder / alpaca.FULL.file_name).exists():
+        return alpaca.FULL.name
+    if (folder / alpaca.SAMPLE_1K.file_name).exists():
+        logging.warning("alpaca: %s not in %s; using the 1,000-record sample %s",
+                        alpaca.FULL.file_name, folder, alpaca.SAMPLE_1K.file_name)
+        return alpaca.SAMPLE_1K.name
+    raise MissingDataError(
+        f"{folder} holds neither {alpaca.FULL.file_name} (the full 52k set) nor "
+        f"{alpaca.SAMPLE_1K.file_name} (the 1k sample); put one of them there")
+
+
+def builder(task: str, *, data_dir=None, manual_dir=None) -> SourceBuilder:
+    """Returns the prepared TFDS builder of `task` (building the cache if needed).
+
+    Args:
+      task: one of `KNOWN_TASKS`.
+      data_dir: the TFDS cache folder; default `~/.cache/psm/tfds`.
+      manual_dir: the root of the local data layout; default `$PSM_DATA_DIR`.
+
+    Raises:
+      ValueError: for an unknown task.
+      MissingDataError: when the local folder is missing or incomplete, or when
+        there is none and nothing can be downloaded.
+    """
+    spec = task_spec(task)
+    root, origin = _manual_root(manual_dir)
+    folder = None
+    if root is not None:
+        if not root.is_dir():
+            raise MissingDataError(
+                f"data folder {root} (from {origin}) does not exist; it should hold "
+                f"<dataset>/ folders such as {root / spec.dataset}/")
+        folder = root / spec.dataset
+        if not folder.is_dir():
+            raise MissingDataError(
+                f"{folder} does not exist: task {task!r} reads its files from there "
+                f"(data folder {root} from {origin}).\n"
+                + spec.builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    config = spec.config
+    if config == "auto":
+        config = _alpaca_config(folder)
+    data_dir = os.path.expanduser(os.fspath(data_dir or DEFAULT_DATA_DIR))
+    kwargs = {"config": config} if config else {}
+    b = spec.builder(data_dir=data_dir, file_format="array_record", **kwargs)
+    if not b.is_prepared():
+        # Per-example progress bars flood logs of non-interactive runs (global TFDS switch).
+        tfds.disable_progress_bar()
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(folder) if folder is not None else None))
+    return b
+
+
+def _plain(value):
+    """TFDS numpy values -> plain Python (bytes -> str, numpy scalars -> int/float)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+def load(task: str, split: str, *, data_dir=None, manual_dir=None) -> list[dict]:
+    """Loads one split of a task as a list of records in source order.
+
+    Every record is a dict of plain Python values with an integer `id`, equal
+    to its index in the list and stable across runs and rebuilds (see each
+    builder's docstring for how it follows from the source files).
+
+    Args:
+      task: one of `KNOWN_TASKS` (gsm8k, math, humaneval, alpaca, alpaca_full,
+        alpaca_1k, cola, sst2, mrpc, rte, stsb, wnli).
+      split: a split of that task (e.g. "train", "test", "validation").
+      data_dir: the TFDS cache folder; default `~/.cache/psm/tfds`.
+      manual_dir: the root of the local data layout; default `$PSM_DATA_DIR`.
+
+    Raises:
+      ValueError: for an unknown task or a split the task does not have.
+      MissingDataError: when the data cannot be found (the message says which
+        files to place where).
+    """
+    spec = task_spec(task)
+    if split not in spec.splits:
+        raise ValueError(f"task {task!r} has no split {split!r}; its splits are {spec.splits}")
+    source = builder(task, data_dir=data_dir, manual_dir=manual_dir).as_data_source(split=split)
+    records = []
+    chunk = 8192  # batched reads are ~5x faster than one __getitem__ per record
+    for start in range(0, len(source), chunk):
+        keys = list(range(start, min(start + chunk, len(source))))
+        records.extend({k: _plain(v) for k, v in r.items()} for r in source.__getitems__(keys))
+    for i, r in enumerate(records):
+        if r["id"] != i:  # the builders write in id order; a mismatch is a corrupt cache
+            raise ValueError(f"{task}/{split}: record {i} has id {r['id']}; delete the cache "
+                             f"under {data_dir or DEFAULT_DATA_DIR} and rebuild")
+    return records

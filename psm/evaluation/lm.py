@@ -1,0 +1,70 @@
+"""Scoring M models at once: per-sample losses and greedy generation.
+
+Models are passed as one parameter tree stacked on a leading axis `[M, ...]`
+(K replicas, or several merged models), so each evaluation is one compiled,
+vmapped program over all of them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from psm.data import tasks
+from psm.models import decode
+
+
+def per_sample_losses(eval_step, params_m, arrays: dict[str, np.ndarray], batch_size: int,
+                      desc: str = "loss") -> np.ndarray:
+    """Mean response NLL of every sample under every model.
+
+    Args:
+      eval_step: from `replicas.make_eval_step(graphdef)`.
+      params_m: stacked `[M, ...]` parameters.
+      arrays: encoded samples, `[N, T]` each.
+    Returns:
+      `[M, N]` float64.
+    """
+    n = len(arrays["tokens"])
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc=desc, mininterval=2.0, leave=False):
+        idx = np.arange(start, start + batch_size)
+        idx = np.where(idx < n, idx, -1)  # pad the last batch to the static shape
+        losses = eval_step(params_m, tasks.gather_batch(arrays, idx))
+        out.append(np.asarray(losses)[:, idx >= 0])
+    return np.concatenate(out, axis=1).astype(np.float64)
+
+
+def generate_texts(graphdef, params_m, tokenizer, prompts: list[str], *, batch_size: int,
+                   prompt_len: int, max_new_tokens: int, desc: str = "generate"
+                   ) -> list[list[str]]:
+    """Greedy continuations of `prompts` under each of M stacked models.
+
+    Returns:
+      `texts[m][i]`: model m's decoded continuation of prompt i.
+    """
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    gen = jax.vmap(
+        lambda st, t, s: decode.generate_tokens(
+            graphdef, st, t, s, jax.random.key(0), max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),
+        in_axes=(0, None, None))
+    m = jax.tree.leaves(params_m)[0].shape[0]
+    texts: list[list[str]] = [[] for _ in range(m)]
+    for start in tqdm(range(0, len(ids), batch_size), desc=desc, mininterval=2.0, leave=False):
+        chunk = ids[start:start + batch_size]
+        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # static batch shape
+        toks, segs = decode.left_pad(chunk, prompt_len, tokenizer.pad_id)
+        out = np.asarray(gen(params_m, jnp.asarray(toks), jnp.asarray(segs)))
+        for j in range(m):
+            for row in out[j][:min(batch_size, len(ids) - start)]:
+                texts[j].append(tokenizer.decode(row))
+    return texts
+
+
+def stack_models(trees: list) -> object:
+    """Stacks M trees of identical structure into one `[M, ...]` tree."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
