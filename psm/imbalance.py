@@ -1,0 +1,152 @@
+"""Training imbalance: per-sample final loss against first-epoch position.
+
+Statistics (METHOD.md section 1) and plots, computed from the per-sample
+records a run writes, so a figure can be redrawn without retraining:
+
+  python -m psm.imbalance --workdir=<run>      # rewrites plots/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from scipy import stats
+
+
+def binned_means(positions: np.ndarray, losses: np.ndarray, num_bins: int):
+    """Mean loss per equal-width position bin. Returns (bin centres, means) `[num_bins]`."""
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    which = np.clip(np.digitize(positions, edges) - 1, 0, num_bins - 1)
+    means = np.array([losses[which == b].mean() if np.any(which == b) else np.nan
+                      for b in range(num_bins)])
+    return (edges[:-1] + edges[1:]) / 2, means
+
+
+def trend(positions: np.ndarray, losses: np.ndarray, num_bins: int = 20) -> dict:
+    """Spearman correlation, least-squares slope, binned means and quintiles.
+
+    Args:
+      positions: `[N]` in [0, 1). losses: `[N]`.
+    """
+    rho, p = stats.spearmanr(positions, losses)
+    slope, intercept = np.polyfit(positions, losses, 1)
+    _, means = binned_means(positions, losses, num_bins)
+    _, quint = binned_means(positions, losses, 5)
+    return {"spearman": float(rho), "spearman_p": float(p), "slope": float(slope),
+            "intercept": float(intercept), "binned_means": means.tolist(),
+            "quintile_means": quint.tolist()}
+
+
+def imbalance_report(positions: np.ndarray, losses: np.ndarray, num_bins: int = 20) -> dict:
+    """Per-replica trends, raw and difficulty-controlled.
+
+    Args:
+      positions: `[K, N]` epoch-1 positions of each sample in each replica's order.
+      losses: `[K, N]` final loss of each sample under each replica.
+    Returns:
+      {"raw": [K trend dicts], "controlled": [K trend dicts] or None}. The
+      controlled trend correlates `loss_k - mean over the other replicas of the
+      same sample's loss` with replica k's position, removing sample difficulty.
+    """
+    k = positions.shape[0]
+    raw = [trend(positions[i], losses[i], num_bins) for i in range(k)]
+    controlled = None
+    if k > 1:
+        others = (losses.sum(0, keepdims=True) - losses) / (k - 1)
+        controlled = [trend(positions[i], losses[i] - others[i], num_bins) for i in range(k)]
+    return {"raw": raw, "controlled": controlled}
+
+
+def plot_loss_vs_position(positions: np.ndarray, losses: np.ndarray, path: str,
+                          num_bins: int = 20, title: str = "") -> None:
+    """Scatter + binned means of final loss vs epoch-1 position, one panel per replica."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = positions.shape[0]
+    cols = min(k, 4)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False,
+                             sharey=True)
+    for i in range(k):
+        ax = axes[i // cols][i % cols]
+        ax.scatter(positions[i], losses[i], s=4, alpha=0.3, color="tab:blue", label="samples")
+        centres, means = binned_means(positions[i], losses[i], num_bins)
+        ax.plot(centres, means, "o-", color="tab:red", ms=3, label=f"{num_bins}-bin mean")
+        t = trend(positions[i], losses[i], num_bins)
+        ax.set_title(f"replica {i}: Spearman {t['spearman']:+.3f}, slope {t['slope']:+.3f}",
+                     fontsize=9)
+        ax.set_xlabel("position in epoch 1 (fraction)")
+        if i % cols == 0:
+            ax.set_ylabel("final loss (nats/token)")
+    for j in range(k, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_anchor_view(positions: np.ndarray, losses: np.ndarray, merged: dict, path: str,
+                     anchor: int = 0, num_bins: int = 20) -> None:
+    """Paper Fig. 3: binned losses of every model against the anchor replica's positions.
+
+    Args:
+      positions: `[K, N]`; losses: `[K, N]`; merged: name -> `[N]` losses.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pos = positions[anchor]
+    for i in range(losses.shape[0]):
+        c, m = binned_means(pos, losses[i], num_bins)
+        ax.plot(c, m, "-", lw=2.0 if i == anchor else 0.8,
+                label=f"replica {i}" + (" (anchor)" if i == anchor else ""))
+    for name, l in merged.items():
+        c, m = binned_means(pos, l, num_bins)
+        ax.plot(c, m, "--", lw=1.8, label=f"merged: {name}")
+    ax.set_xlabel(f"position in replica {anchor}'s epoch 1 (fraction)")
+    ax.set_ylabel("final loss, binned mean")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_records(workdir: str) -> tuple[np.ndarray, np.ndarray, dict, list[int]]:
+    """Reads `per_sample.jsonl`: returns (positions [K,N], losses [K,N], merged {name: [N]}, ids)."""
+    rows = []
+    with open(os.path.join(workdir, "per_sample.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    ids = [r["id"] for r in rows]
+    positions = np.array([r["position"] for r in rows]).T
+    losses = np.array([r["loss"]["replicas"] for r in rows]).T
+    merged = {name: np.array([r["loss"]["merged"][name] for r in rows])
+              for name in rows[0]["loss"]["merged"]}
+    return positions, losses, merged, ids
+
+
+def redraw(workdir: str, num_bins: int = 20) -> list[str]:
+    """Redraws the imbalance plots of a finished run from its records."""
+    positions, losses, merged, _ = load_records(workdir)
+    a = os.path.join(workdir, "plots", "loss_vs_position.png")
+    b = os.path.join(workdir, "plots", "anchor_view.png")
+    plot_loss_vs_position(positions, losses, a, num_bins,
+                          title="final training loss vs first-epoch position")
+    plot_anchor_view(positions, losses, merged, b, num_bins=num_bins)
+    return [a, b]
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    _WORKDIR = flags.DEFINE_string("workdir", None, "a finished psm run", required=True)
+    app.run(lambda _: print("\n".join(redraw(_WORKDIR.value))))

@@ -1,0 +1,126 @@
+"""K data-order replicas trained in one compiled program.
+
+The K models live as one pytree whose leaves carry a leading axis of size K.
+The optimizer state is built with `jax.vmap(tx.init)` and updated inside the
+vmapped step, so per-replica statistics (Adam moments, the global-norm clip)
+never mix replicas. All replicas start from the same base parameters.
+
+Batches are dicts of `[K, B, T]` arrays:
+  tokens      int32   input token ids
+  targets     int32   next-token ids
+  loss_mask   float32 1 where the target carries loss (the response), else 0
+  segment_ids int32   attention segments (0 = padding)
+  positions   int32   rotary positions
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
+                   schedule: str = "linear", weight_decay: float = 0.0, b1: float = 0.9,
+                   b2: float = 0.999, clip_norm: float | None = 1.0
+                   ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+    """AdamW with linear warm-up then `schedule` ('linear', 'cosine' or 'constant') decay.
+
+    Returns:
+      (transformation, learning-rate schedule as a function of the step).
+    """
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if schedule == "linear":
+        decay = optax.linear_schedule(learning_rate, 0.0, decay_steps)
+    elif schedule == "cosine":
+        decay = optax.cosine_decay_schedule(learning_rate, decay_steps)
+    elif schedule == "constant":
+        decay = optax.constant_schedule(learning_rate)
+    else:
+        raise ValueError(f"config.optim.schedule must be 'linear', 'cosine' or 'constant', "
+                         f"got {schedule!r}")
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)), decay],
+        [warmup_steps]) if warmup_steps > 0 else decay
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    parts.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.chain(*parts), lr
+
+
+def stack(tree: Any, k: int) -> Any:
+    """Broadcasts every leaf to a new leading axis of size `k` (`[...]` -> `[K, ...]`)."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), tree)
+
+
+def unstack(tree: Any, i: int) -> Any:
+    """Replica `i` of a stacked tree."""
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def token_nll(graphdef: nnx.GraphDef, params: Any, batch: dict) -> jax.Array:
+    """Per-token negative log-likelihood of one replica. Returns `[B, T]` float32."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["tokens"], positions=batch["positions"],
+                   segment_ids=batch["segment_ids"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+
+
+def mean_loss(graphdef, params, batch) -> jax.Array:
+    """Token-weighted mean NLL over the tokens that carry loss (a scalar)."""
+    nll = token_nll(graphdef, params, batch)
+    mask = batch["loss_mask"]
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def per_sample_loss(graphdef, params, batch) -> jax.Array:
+    """Mean NLL of each row over its loss tokens. Returns `[B]` (0 for rows without loss)."""
+    nll = token_nll(graphdef, params, batch)
+    mask = batch["loss_mask"]
+    return jnp.sum(nll * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def make_replica_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+    """One optimizer step of ONE replica (no K axis): (params, opt_state, batch) -> ..."""
+
+    def replica_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(functools.partial(mean_loss, graphdef))(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return replica_step
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    state_sharding=None, batch_sharding=None):
+    """The jitted, vmapped step over all K replicas; the state is donated.
+
+    Returns:
+      `train_step(params [K,...], opt_state [K,...], batch [K,B,T]) ->
+      (params, opt_state, metrics {name: [K]})`.
+    """
+    vmapped = jax.vmap(make_replica_step(graphdef, tx))
+    if state_sharding is None:
+        return jax.jit(vmapped, donate_argnums=(0, 1))
+    return jax.jit(vmapped, donate_argnums=(0, 1),
+                   in_shardings=(state_sharding, state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, state_sharding, state_sharding))
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+    """Jitted per-sample losses of M stacked models: `(params [M,...], batch [B,T]) -> [M, B]`.
+
+    The batch is shared by all models (every model is scored on the same samples).
+    """
+    return jax.jit(jax.vmap(functools.partial(per_sample_loss, graphdef), in_axes=(0, None)))
+
+
+def init_opt_state(tx: optax.GradientTransformation, params_k: Any) -> Any:
+    """Optimizer state with a leading K axis, one independent state per replica."""
+    return jax.vmap(tx.init)(params_k)

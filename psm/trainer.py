@@ -1,0 +1,265 @@
+"""`train_and_evaluate(config, workdir)`: K data-order replicas, merged and evaluated.
+
+Phases (each a banner below): checks, task and data, base model, replicas and
+mesh, restore, train loop, merge, evaluate, report. Everything random flows
+from config seeds; rerunning a config on a workdir resumes from its latest
+checkpoint and ends with bit-identical parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import logging
+from flax import nnx
+from tqdm import tqdm
+
+from psm import checkpoint, imbalance, merge, replicas, report, sharding, workdir as wd
+from psm.data import orders, tasks
+from psm.evaluation import lm
+from psm.metrics import MetricWriter, read_metrics
+from psm.models.llama import LlamaConfig
+from psm.pretrain import pretrain_base
+
+log = logging.getLogger(__name__)
+
+_MODEL_EXTRA_KEYS = ("init", "path")
+MERGE_METHODS = ("average", "select", "select_resample")
+
+
+def validate_config(config) -> None:
+    """Rejects bad values before any work, naming the config key."""
+    checks = [
+        (config.num_replicas >= 1, "config.num_replicas (K) must be >= 1"),
+        (config.merge.resample >= 0, "config.merge.resample must be >= 0"),
+        (config.train.epochs >= 1, "config.train.epochs must be >= 1"),
+        (config.train.batch_size >= 1, "config.train.batch_size must be >= 1"),
+        (config.train.log_every >= 1, "config.train.log_every must be >= 1"),
+        (config.train.eval_every >= 0, "config.train.eval_every must be >= 0 (0 = never)"),
+        (config.task.max_len >= 2, "config.task.max_len must be >= 2"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    unknown = [m for m in config.merge.methods if m not in MERGE_METHODS]
+    if unknown:
+        raise ValueError(f"config.merge.methods has unknown methods {unknown}; "
+                         f"known: {list(MERGE_METHODS)}")
+    if config.model.init not in ("pretrain",):
+        raise ValueError(f"config.model.init={config.model.init!r} is not supported by this "
+                         "trainer yet; use 'pretrain'")
+
+
+def model_config(config, vocab_size: int) -> LlamaConfig:
+    fields = {k: v for k, v in config.model.items() if k not in _MODEL_EXTRA_KEYS}
+    return LlamaConfig(vocab_size=vocab_size, max_seq_len=config.task.max_len, **fields)
+
+
+def _encode_split(task, split: str, max_len: int):
+    examples = task.splits[split]
+    arrays, stats = tasks.encode_sft(task.tokenizer, [task.prompt(e) for e in examples],
+                                     [task.response(e) for e in examples], max_len)
+    if stats["truncated"]:
+        log.warning("%s: %d of %d examples truncated to %d tokens", split,
+                        stats["truncated"], stats["examples"], max_len)
+    return arrays, stats
+
+
+def _merge_all(config, params_k, base) -> dict:
+    """The merged models named in config.merge.methods: name -> parameter tree."""
+    key = jax.random.key(config.merge.seed)
+    out = {}
+    for method in config.merge.methods:
+        if method == "average":
+            out["average"] = merge.average(params_k)
+        elif method == "select":
+            out["select"] = merge.select(params_k, key=key)
+        elif method == "select_resample":
+            out[f"select_resample{config.merge.resample}"] = merge.select(
+                params_k, key=key, base=base, resample=config.merge.resample)
+    return out
+
+
+def _val_loss(per_sample: np.ndarray, arrays) -> np.ndarray:
+    """Token-weighted mean loss `[M]` from per-sample mean losses `[M, N]`."""
+    counts = arrays["loss_mask"].sum(axis=1)
+    return (per_sample * counts).sum(axis=1) / counts.sum()
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Runs (or resumes) the whole job and returns the results dict (also in results.json)."""
+    t_start = time.time()
+    # ------------------------------------------------------------------ checks
+    validate_config(config)
+    resuming = wd.prepare(workdir, config)
+    k = config.num_replicas
+    writer = MetricWriter(workdir)
+
+    # ------------------------------------------------------------ task and data
+    task = tasks.get_task(config.task)
+    train_arrays, train_stats = _encode_split(task, "train", config.task.max_len)
+    val_arrays, val_stats = _encode_split(task, "validation", config.task.max_len)
+    n_train = train_stats["examples"]
+    batch_size = config.train.batch_size
+    steps_per_epoch = orders.steps_per_epoch(n_train, batch_size)
+    total_steps = steps_per_epoch * config.train.epochs
+    order_kw = dict(data_seed=config.data_seed, num_replicas=k, num_samples=n_train,
+                    batch_size=batch_size, fixed_intra_batch=config.train.fixed_intra_batch)
+    log.info("task %s: %d train / %d val / %d test; %d steps per epoch, %d in all",
+                 task.name, n_train, val_stats["examples"], len(task.splits["test"]),
+                 steps_per_epoch, total_steps)
+
+    # -------------------------------------------------------------- base model
+    model_cfg = model_config(config, task.tokenizer.vocab_size)
+    graphdef, base = pretrain_base(config, workdir, model_cfg, task.tokenizer)
+
+    # ----------------------------------------------------- replicas and mesh
+    mesh = sharding.make_mesh(config.mesh.replica, config.mesh.data, k, batch_size)
+    state_sh, batch_sh = sharding.replica_sharding(mesh), sharding.batch_sharding(mesh)
+    tx, lr_schedule = replicas.make_optimizer(
+        learning_rate=config.optim.learning_rate, total_steps=total_steps,
+        warmup_steps=config.optim.warmup_steps, schedule=config.optim.schedule,
+        weight_decay=config.optim.weight_decay, b1=config.optim.b1, b2=config.optim.b2,
+        clip_norm=config.optim.clip_norm)
+    params_k = jax.device_put(replicas.stack(base, k), state_sh)
+    opt_k = jax.device_put(replicas.init_opt_state(tx, params_k), state_sh)
+    train_step = replicas.make_train_step(graphdef, tx, state_sh, batch_sh)
+    eval_step = replicas.make_eval_step(graphdef)
+    log.info("mesh %s; %d parameters per replica", dict(mesh.shape),
+                 sum(x.size for x in jax.tree.leaves(base)))
+
+    # ----------------------------------------------------------------- restore
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   interval=config.checkpoint.every_steps,
+                                   keep=config.checkpoint.keep)
+    start = ckpt.latest_step() or 0
+    if start:
+        restored = ckpt.restore(start, {"params": params_k, "opt_state": opt_k})
+        params_k, opt_k = restored["params"], restored["opt_state"]
+        log.info("resumed from the checkpoint at step %d of %d", start, total_steps)
+        _truncate_metrics(writer.path, start)
+    elif resuming:
+        _truncate_metrics(writer.path, 0)
+
+    # -------------------------------------------------------------- train loop
+    pending: list[tuple[int, dict]] = []  # device metrics not yet checked / logged
+
+    def flush(upto: int) -> None:
+        """Checks and logs pending metrics; raises on a non-finite loss."""
+        if not pending:
+            return
+        host = jax.device_get(pending)
+        pending.clear()
+        for step, m in host:
+            loss = np.asarray(m["loss"])
+            if not np.all(np.isfinite(loss)):
+                bad = [int(i) for i in np.nonzero(~np.isfinite(loss))[0]]
+                raise FloatingPointError(
+                    f"non-finite training loss for replica(s) {bad} at step {step}; the last "
+                    f"good checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}")
+            if (step + 1) % config.train.log_every == 0 or step + 1 == upto:
+                writer.write(step + 1, **{"train/loss": loss,
+                                          "train/grad_norm": np.asarray(m["grad_norm"]),
+                                          "train/lr": float(lr_schedule(step)),
+                                          "epoch": (step + 1) / steps_per_epoch})
+
+    t_train = time.time()
+    with mesh:
+        for step in tqdm(range(start, total_steps), desc="train K replicas",
+                         initial=start, total=total_steps, mininterval=2.0):
+            idx = orders.batch_indices(step, **order_kw)
+            batch = jax.device_put(tasks.gather_batch(train_arrays, idx), batch_sh)
+            params_k, opt_k, metrics = train_step(params_k, opt_k, batch)
+            pending.append((step, metrics))
+            done = step + 1
+            if done % config.train.log_every == 0 or ckpt.should_save(done) or \
+                    done == total_steps:
+                flush(total_steps)
+            if config.train.eval_every and done % config.train.eval_every == 0:
+                _eval_during_training(writer, done, eval_step, params_k, val_arrays, config)
+            if ckpt.should_save(done) or done == total_steps:
+                ckpt.save(done, {"params": params_k, "opt_state": opt_k})
+    ckpt.close()
+    train_seconds = time.time() - t_train
+
+    # ------------------------------------------------------------------ merge
+    t_merge = time.time()
+    merged = _merge_all(config, params_k, base)
+    merged = jax.block_until_ready(merged)
+    merge_seconds = time.time() - t_merge
+
+    # --------------------------------------------------------------- evaluate
+    names = [f"replica {i}" for i in range(k)] + list(merged)
+    singles = [replicas.unstack(params_k, i) for i in range(k)]
+    models_m = lm.stack_models(singles + list(merged.values()))
+    val_per_sample = lm.per_sample_losses(eval_step, models_m, val_arrays,
+                                          config.eval.batch_size, desc="validation loss")
+    val_loss = _val_loss(val_per_sample, val_arrays)
+    test = task.splits["test"]
+    texts = lm.generate_texts(graphdef, models_m, task.tokenizer, [task.prompt(e) for e in test],
+                              batch_size=config.eval.batch_size, prompt_len=config.task.prompt_len,
+                              max_new_tokens=config.task.max_new_tokens, desc="test generation")
+    scores = [[task.score(t, e) for t, e in zip(texts[m], test)] for m in range(len(names))]
+    accuracy = np.array([np.mean([s["correct"] for s in sc]) for sc in scores])
+    train_losses = lm.per_sample_losses(eval_step, models_m, train_arrays,
+                                        config.eval.batch_size, desc="per-sample train loss")
+    positions = orders.first_epoch_positions(**order_kw)
+    unchanged = [float(np.mean(np.concatenate([
+        np.asarray(a == b).ravel() for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(base))])))
+        for s in singles]
+
+    # ----------------------------------------------------------------- report
+    ids = [e["id"] for e in task.splits["train"]]
+    report.write_per_sample(workdir, ids, positions, train_losses[:k],
+                            dict(zip(list(merged), train_losses[k:])))
+    report.write_test_predictions(workdir, test, names, texts, scores)
+    stats = imbalance.imbalance_report(positions, train_losses[:k], config.eval.num_bins)
+    merged_trend = {name: imbalance.trend(positions[0], train_losses[k + j], config.eval.num_bins)
+                    for j, name in enumerate(merged)}
+    plots = imbalance.redraw(workdir, config.eval.num_bins)
+    results = {
+        "models": {name: {"val_loss": float(val_loss[m]), "test_accuracy": float(accuracy[m]),
+                          "train_loss": float(train_losses[m].mean())}
+                   for m, name in enumerate(names)},
+        "singles": {"val_loss_mean": float(val_loss[:k].mean()),
+                    "val_loss_std": float(val_loss[:k].std()),
+                    "test_accuracy_mean": float(accuracy[:k].mean()),
+                    "test_accuracy_std": float(accuracy[:k].std())},
+        "imbalance": {"replicas": stats, "merged_vs_replica0_positions": merged_trend},
+        "fraction_unchanged_from_base": unchanged,
+        "data": {"train": train_stats, "validation": val_stats, "test": len(test)},
+        "steps": total_steps,
+        "seconds": {"train": train_seconds, "merge": merge_seconds,
+                    "total": time.time() - t_start},
+        "plots": [os.path.relpath(p, workdir) for p in plots],
+    }
+    wd.write_json(workdir, "results.json", results)
+    print(report.format_table(results, k))
+    return results
+
+
+def _eval_during_training(writer, step, eval_step, params_k, val_arrays, config):
+    """Validation loss of each replica and of their uniform average (paper Fig. 4)."""
+    avg = merge.average(params_k)
+    models = jax.tree.map(lambda s, a: jnp.concatenate([s, a[None]]), params_k, avg)
+    per_sample = lm.per_sample_losses(eval_step, models, val_arrays, config.eval.batch_size,
+                                      desc="val")
+    losses = _val_loss(per_sample, val_arrays)
+    writer.write(step, **{"val/loss": losses[:-1], "val/loss_average_merge": float(losses[-1])})
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drops metric lines written after `step` by an interrupted run (they are redone)."""
+    if not os.path.exists(path):
+        return
+    keep = [r for r in read_metrics(os.path.dirname(path), os.path.basename(path))
+            if r.get("step", 0) <= step]
+    import json
+    with open(path + ".tmp", "w") as f:
+        for r in keep:
+            f.write(json.dumps(r) + "\n")
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,51 @@
+"""The offline synthetic task: correct answers, disjoint splits, stable ids, tokenizer."""
+
+import re
+
+from psm.data import synthetic, tasks
+
+
+def test_solutions_are_correct_arithmetic():
+    splits = synthetic.make_problems(300, 40, 40, seed=1)
+    for ex in splits["train"]:
+        steps = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", ex["solution"])
+        assert 2 <= len(steps) <= 3
+        for a, op, b, c in steps:
+            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c)
+        assert ex["solution"].endswith(f"#### {ex['answer']}")
+        assert int(steps[-1][3]) == ex["answer"]
+
+
+def test_splits_disjoint_and_ids_stable():
+    a = synthetic.make_problems(200, 30, 30, seed=0)
+    b = synthetic.make_problems(200, 30, 30, seed=0)
+    assert a == b
+    qs = {s: {e["question"] for e in a[s]} for s in a}
+    assert not (qs["train"] & qs["test"]) and not (qs["train"] & qs["validation"])
+    assert [e["id"] for e in a["train"]] == list(range(200))
+    assert synthetic.make_problems(200, 30, 30, seed=1)["train"] != a["train"]
+
+
+def test_tokenizer_round_trips_numbers_and_scorer_reads_answer():
+    tok = synthetic.WordTokenizer()
+    text = "12 + 305 = 317 . #### 317"
+    ids = tok.encode(text)
+    assert tok.unk_id not in ids
+    assert tok.decode(ids + [tok.eos_id, 5]) == text
+    assert tasks.score_numeric(tok.decode(ids), {"answer": 317})["correct"]
+    assert not tasks.score_numeric("#### 31", {"answer": 317})["correct"]
+    assert tasks.score_numeric("no answer", {"answer": 1})["extracted"] is None
+
+
+def test_encode_sft_masks_the_response_only_and_counts_truncation():
+    tok = synthetic.WordTokenizer()
+    arrays, stats = tasks.encode_sft(tok, ["Q : Ann has 3 pens ."], [" 3 + 1 = 4 . #### 4"], 32)
+    n_prompt = 1 + len(tok.encode("Q : Ann has 3 pens ."))
+    n_resp = len(tok.encode(" 3 + 1 = 4 . #### 4")) + 1
+    mask = arrays["loss_mask"][0]
+    assert mask.sum() == n_resp
+    assert mask[:n_prompt - 1].sum() == 0  # targets inside the prompt carry no loss
+    assert arrays["targets"][0][mask > 0][-1] == tok.eos_id
+    assert stats == {"examples": 1, "truncated": 0}
+    _, stats = tasks.encode_sft(tok, ["Q : Ann has 3 pens ."], [" 3 + 1 = 4 . #### 4"], 8)
+    assert stats["truncated"] == 1
