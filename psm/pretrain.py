@@ -60,7 +60,7 @@ def pretrain_base(config, workdir: str, model_cfg: LlamaConfig, tokenizer):
             bad = int(np.argmin(np.isfinite(losses)))
             raise FloatingPointError(f"pre-training loss is not finite at step {bad}")
         log.info("pre-training loss: first %.3f, last-10 mean %.3f over %d rows",
-                     losses[0], losses[-10:].mean(), n)
+                 losses[0], losses[-10:].mean(), n)
         base = replicas.unstack(params_1, 0)
         ckpt.save(pc.steps, base)
         return graphdef, base

@@ -45,6 +45,9 @@ def validate_config(config) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if config.task.name not in tasks.TASKS:
+        raise ValueError(f"unknown config.task.name {config.task.name!r}; known tasks: "
+                         f"{sorted(tasks.TASKS)}")
     unknown = [m for m in config.merge.methods if m not in MERGE_METHODS]
     if unknown:
         raise ValueError(f"config.merge.methods has unknown methods {unknown}; "
@@ -60,12 +63,10 @@ def model_config(config, vocab_size: int) -> LlamaConfig:
 
 
 def _encode_split(task, split: str, max_len: int):
-    examples = task.splits[split]
-    arrays, stats = tasks.encode_sft(task.tokenizer, [task.prompt(e) for e in examples],
-                                     [task.response(e) for e in examples], max_len)
+    arrays, stats = tasks.encode_split(task, split, max_len)
     if stats["truncated"]:
-        log.warning("%s: %d of %d examples truncated to %d tokens", split,
-                        stats["truncated"], stats["examples"], max_len)
+        log.warning("%s: %d of %d examples truncated to %d tokens (%s)", split,
+                    stats["truncated"], stats["examples"], max_len, stats)
     return arrays, stats
 
 
@@ -110,8 +111,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     order_kw = dict(data_seed=config.data_seed, num_replicas=k, num_samples=n_train,
                     batch_size=batch_size, fixed_intra_batch=config.train.fixed_intra_batch)
     log.info("task %s: %d train / %d val / %d test; %d steps per epoch, %d in all",
-                 task.name, n_train, val_stats["examples"], len(task.splits["test"]),
-                 steps_per_epoch, total_steps)
+             task.name, n_train, val_stats["examples"], len(task.splits["test"]),
+             steps_per_epoch, total_steps)
 
     # -------------------------------------------------------------- base model
     model_cfg = model_config(config, task.tokenizer.vocab_size)
@@ -130,7 +131,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_step = replicas.make_train_step(graphdef, tx, state_sh, batch_sh)
     eval_step = replicas.make_eval_step(graphdef)
     log.info("mesh %s; %d parameters per replica", dict(mesh.shape),
-                 sum(x.size for x in jax.tree.leaves(base)))
+             sum(x.size for x in jax.tree.leaves(base)))
 
     # ----------------------------------------------------------------- restore
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -168,7 +169,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                           "epoch": (step + 1) / steps_per_epoch})
 
     t_train = time.time()
-    with mesh:
+    with jax.set_mesh(mesh):
         for step in tqdm(range(start, total_steps), desc="train K replicas",
                          initial=start, total=total_steps, mininterval=2.0):
             idx = orders.batch_indices(step, **order_kw)
@@ -246,8 +247,7 @@ def _eval_during_training(writer, step, eval_step, params_k, val_arrays, config)
     """Validation loss of each replica and of their uniform average (paper Fig. 4)."""
     avg = merge.average(params_k)
     models = jax.tree.map(lambda s, a: jnp.concatenate([s, a[None]]), params_k, avg)
-    per_sample = lm.per_sample_losses(eval_step, models, val_arrays, config.eval.batch_size,
-                                      desc="val")
+    per_sample = lm.per_sample_losses(eval_step, models, val_arrays, config.eval.batch_size)
     losses = _val_loss(per_sample, val_arrays)
     writer.write(step, **{"val/loss": losses[:-1], "val/loss_average_merge": float(losses[-1])})
 

@@ -37,15 +37,18 @@ def test_tokenizer_round_trips_numbers_and_scorer_reads_answer():
     assert tasks.score_numeric("no answer", {"answer": 1})["extracted"] is None
 
 
-def test_encode_sft_masks_the_response_only_and_counts_truncation():
-    tok = synthetic.WordTokenizer()
-    arrays, stats = tasks.encode_sft(tok, ["Q : Ann has 3 pens ."], [" 3 + 1 = 4 . #### 4"], 32)
-    n_prompt = 1 + len(tok.encode("Q : Ann has 3 pens ."))
-    n_resp = len(tok.encode(" 3 + 1 = 4 . #### 4")) + 1
+def test_encode_split_masks_the_response_only_and_counts_truncation():
+    cfg = type("C", (), dict(num_train=8, num_validation=2, num_test=2, seed=0))
+    task = tasks.arithmetic_task(cfg)
+    tok = task.tokenizer
+    ex = task.splits["train"][0]
+    arrays, stats = tasks.encode_split(task, "train", 80)
+    n_prompt = 1 + len(tok.encode(task.prompt(ex)))
+    n_resp = len(tok.encode(task.response(ex))) + 1
     mask = arrays["loss_mask"][0]
     assert mask.sum() == n_resp
     assert mask[:n_prompt - 1].sum() == 0  # targets inside the prompt carry no loss
     assert arrays["targets"][0][mask > 0][-1] == tok.eos_id
-    assert stats == {"examples": 1, "truncated": 0}
-    _, stats = tasks.encode_sft(tok, ["Q : Ann has 3 pens ."], [" 3 + 1 = 4 . #### 4"], 8)
-    assert stats["truncated"] == 1
+    assert stats["examples"] == 8 and stats["truncated"] == 0
+    _, stats = tasks.encode_split(task, "train", 30)
+    assert stats["truncated"] == 8

@@ -1,9 +1,6 @@
 """Tasks as the trainer sees them: splits with stable ids, a prompt/response
-format, a tokenizer, and a scorer for generated text.
-
-`encode_sft` turns (prompt, response) pairs into static-shape arrays with the
-loss on the response tokens only. Truncation is counted and returned, never
-silent.
+format, a tokenizer, and a scorer for generated text; plus the encoders that
+turn splits and corpora into static-shape arrays.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from psm.data import synthetic
+from psm.data import packing, synthetic, tokenize
 
 
 @dataclasses.dataclass
@@ -67,43 +64,20 @@ def get_task(cfg) -> Task:
     return TASKS[cfg.name](cfg)
 
 
-def encode_sft(tokenizer, prompts: Sequence[str], responses: Sequence[str],
-               max_len: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Tokenizes prompt/response pairs into padded arrays; loss on the response only.
-
-    Each row is `[bos] prompt response [eos]`, shifted into inputs and next-token
-    targets. A row longer than `max_len + 1` tokens loses the end of its response.
+def encode_split(task: Task, split: str, max_len: int,
+                 truncation: str = "prompt_left") -> tuple[dict[str, np.ndarray], dict]:
+    """Tokenizes a split into one-example-per-row arrays with a response-only loss mask.
 
     Returns:
       arrays: tokens, targets, segment_ids, positions `[N, max_len]` int32 and
-        loss_mask `[N, max_len]` float32.
-      stats: {"examples": N, "truncated": number of rows cut}.
+        loss_mask `[N, max_len]` float32 (see `psm.data.packing`).
+      stats: truncation counts (`psm.data.tokenize.TruncationStats`), never silent.
     """
-    n = len(prompts)
-    tokens = np.full((n, max_len + 1), tokenizer.pad_id, np.int32)
-    loss = np.zeros((n, max_len + 1), np.float32)
-    seg = np.zeros((n, max_len + 1), np.int32)
-    truncated = 0
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        p_ids = [tokenizer.bos_id] + tokenizer.encode(p)
-        r_ids = tokenizer.encode(r) + [tokenizer.eos_id]
-        ids = (p_ids + r_ids)
-        if len(ids) > max_len + 1:
-            truncated += 1
-            ids = ids[:max_len + 1]
-        tokens[i, :len(ids)] = ids
-        loss[i, len(p_ids):len(ids)] = 1.0
-        seg[i, :len(ids)] = 1
-    arrays = {
-        "tokens": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        # The target at position t is token t+1: it carries loss if token t+1 is
-        # part of the response.
-        "loss_mask": loss[:, 1:],
-        "segment_ids": seg[:, :-1],
-        "positions": np.broadcast_to(np.arange(max_len, dtype=np.int32), (n, max_len)).copy(),
-    }
-    return arrays, {"examples": n, "truncated": truncated}
+    examples, stats = tokenize.tokenize_records(
+        task.tokenizer, task.splits[split], lambda e: (task.prompt(e), task.response(e)),
+        max_len=max_len, truncation=truncation)
+    arrays = packing.pad_examples(examples, max_len, pad_id=task.tokenizer.pad_id)
+    return {k: arrays[k] for k in packing.ARRAY_KEYS}, stats.as_dict()
 
 
 def encode_lm(tokenizer, documents: Sequence[str], max_len: int) -> dict[str, np.ndarray]:

@@ -17,19 +17,21 @@ from psm.models import decode
 
 
 def per_sample_losses(eval_step, params_m, arrays: dict[str, np.ndarray], batch_size: int,
-                      desc: str = "loss") -> np.ndarray:
+                      desc: str | None = None) -> np.ndarray:
     """Mean response NLL of every sample under every model.
 
     Args:
       eval_step: from `replicas.make_eval_step(graphdef)`.
       params_m: stacked `[M, ...]` parameters.
       arrays: encoded samples, `[N, T]` each.
+      desc: progress-bar label; None shows no bar.
     Returns:
       `[M, N]` float64.
     """
     n = len(arrays["tokens"])
     out = []
-    for start in tqdm(range(0, n, batch_size), desc=desc, mininterval=2.0, leave=False):
+    for start in tqdm(range(0, n, batch_size), desc=desc, mininterval=2.0, leave=False,
+                      disable=desc is None):
         idx = np.arange(start, start + batch_size)
         idx = np.where(idx < n, idx, -1)  # pad the last batch to the static shape
         losses = eval_step(params_m, tasks.gather_batch(arrays, idx))

@@ -1,0 +1,187 @@
+"""End to end: the tiny config's `:test` variant trains, merges, evaluates, reports,
+resumes bit-identically after a kill, and refuses bad input before writing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from psm import trainer
+from psm.data import orders
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+    c = tiny.get_config("test")
+    c.mesh.replica = 1  # one device, like a plain `python -m psm.train` process here
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    results = trainer.train_and_evaluate(_config(), workdir)
+    return workdir, results
+
+
+def _final_params(workdir, step):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
+        restored = mngr.restore(step, args=ocp.args.StandardRestore())
+    return restored["params"]
+
+
+def test_run_writes_every_report_file(finished_run):
+    workdir, results = finished_run
+    c = _config()
+    k = c.num_replicas
+    for name in ("config.json", "metrics.jsonl", "results.json", "per_sample.jsonl",
+                 "test_predictions.jsonl", "plots/loss_vs_position.png",
+                 "plots/anchor_view.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    names = list(results["models"])
+    assert names == [f"replica {i}" for i in range(k)] + [
+        "average", "select", f"select_resample{c.merge.resample}"]
+    for m in results["models"].values():
+        assert np.isfinite(m["val_loss"]) and 0.0 <= m["test_accuracy"] <= 1.0
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    train = [m for m in metrics if "train/loss" in m]
+    assert train[-1]["step"] == results["steps"]
+    assert all(len(m["train/loss"]) == k for m in train)
+    assert train[-1]["train/loss"] != train[0]["train/loss"]
+    assert any("val/loss_average_merge" in m for m in metrics)
+
+
+def test_per_sample_records_join_ids_positions_and_losses(finished_run):
+    workdir, results = finished_run
+    c = _config()
+    with open(os.path.join(workdir, "per_sample.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["id"] for r in rows] == list(range(c.task.num_train))
+    pos = orders.first_epoch_positions(data_seed=c.data_seed, num_replicas=c.num_replicas,
+                                       num_samples=c.task.num_train,
+                                       batch_size=c.train.batch_size)
+    np.testing.assert_allclose(np.array([r["position"] for r in rows]).T, pos, atol=1e-6)
+    merged = set(rows[0]["loss"]["merged"])
+    assert merged == {"average", "select", f"select_resample{c.merge.resample}"}
+    losses = np.array([r["loss"]["replicas"] for r in rows])
+    assert losses.shape == (c.task.num_train, c.num_replicas) and np.all(losses > 0)
+    np.testing.assert_allclose(losses.mean(0), [results["models"][f"replica {i}"]["train_loss"]
+                                                for i in range(c.num_replicas)], rtol=1e-6)
+    spearman = results["imbalance"]["replicas"]["raw"]
+    assert len(spearman) == c.num_replicas and all(-1 <= t["spearman"] <= 1 for t in spearman)
+
+
+def test_rerun_on_finished_workdir_resumes_and_reproduces(finished_run):
+    workdir, results = finished_run
+    again = trainer.train_and_evaluate(_config(), workdir)
+    for name, m in results["models"].items():
+        assert again["models"][name] == m
+
+
+def test_workdir_of_another_config_is_refused(finished_run):
+    workdir, _ = finished_run
+    with pytest.raises(ValueError, match="train.epochs"):
+        trainer.train_and_evaluate(_config(**{"train.epochs": 2}), workdir)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("num_replicas", 0, "config.num_replicas"),
+    ("merge.resample", -1, "config.merge.resample"),
+    ("merge.methods", ("average", "mean"), "config.merge.methods"),
+    ("task.name", "nope", "config.task.name"),
+])
+def test_bad_config_is_refused_before_anything_is_written(tmp_path, key, value, match):
+    workdir = tmp_path / "w"
+    with pytest.raises(ValueError, match=match):
+        trainer.train_and_evaluate(_config(**{key: value}), str(workdir))
+    assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        trainer.train_and_evaluate(_config(), str(blocker / "run"))
+
+
+def test_locked_config_rejects_unknown_key():
+    result = subprocess.run(
+        [sys.executable, "-m", "psm.train", "--config=configs/tiny.py:test",
+         "--workdir=/nonexistent/never", "--config.train.epoch=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "epoch" in result.stderr and "Did you mean" in result.stderr
+
+
+def test_non_finite_loss_stops_with_replica_and_step_and_keeps_last_checkpoint(
+        tmp_path, monkeypatch):
+    real = trainer.replicas.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step_fn, calls = real(*args, **kwargs), [0]
+
+        def wrapped(params, opt, batch):
+            params, opt, metrics = step_fn(params, opt, batch)
+            calls[0] += 1
+            if calls[0] == 8:  # the 8th step's loss of replica 2 becomes NaN
+                metrics = dict(metrics, loss=metrics["loss"].at[2].set(np.nan))
+            return params, opt, metrics
+        return wrapped
+
+    monkeypatch.setattr(trainer.replicas, "make_train_step", poisoned)
+    workdir = str(tmp_path / "w")
+    with pytest.raises(FloatingPointError, match=r"replica\(s\) \[2\] at step 7"):
+        trainer.train_and_evaluate(_config(), workdir)
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                   if d.isdigit())
+    assert steps[-1] == 6  # the checkpoint before the bad step survives, none after it
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_bit_identical_parameters(finished_run, tmp_path):
+    _, results = finished_run
+    # Both runs are separate processes: this test process simulates 8 devices,
+    # which makes XLA compile the same step differently (rounding-level changes).
+    def command(workdir):
+        return [sys.executable, "-m", "psm.train", "--config=configs/tiny.py:test",
+                f"--workdir={workdir}", "--config.mesh.replica=1"]
+
+    reference_dir = str(tmp_path / "reference")
+    subprocess.run(command(reference_dir), cwd=REPO, check=True, capture_output=True,
+                   timeout=300)
+    workdir = str(tmp_path / "killed")
+    cmd = command(workdir)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first_ckpt = os.path.join(workdir, "checkpoints", "12")
+    deadline = time.time() + 240
+    while not os.path.isdir(first_ckpt) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert max(steps) < results["steps"], "killed run must not have finished training"
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
+    resumed = _final_params(workdir, results["steps"])
+    reference = _final_params(reference_dir, results["steps"])
+    leaves_a, leaves_b = jax.tree.leaves(resumed), jax.tree.leaves(reference)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
