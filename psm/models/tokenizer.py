@@ -159,6 +159,10 @@ class Tokenizer:
 
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+            # Some files pin padding/truncation (MiniLM: pad to 128); batching
+            # code pads and truncates explicitly, so encode() returns raw ids.
+            tok.no_padding()
+            tok.no_truncation()
         elif os.path.isfile(os.path.join(path, "vocab.txt")):
             return cls.from_wordpiece_vocab(os.path.join(path, "vocab.txt"),
                                             lowercase=tcfg.get("do_lower_case", True))
