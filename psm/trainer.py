@@ -18,16 +18,14 @@ import logging
 from flax import nnx
 from tqdm import tqdm
 
-from psm import checkpoint, imbalance, merge, replicas, report, sharding, workdir as wd
-from psm.data import orders, tasks
+from psm import base_model, checkpoint, imbalance, merge, replicas, report, sharding
+from psm import workdir as wd
+from psm.data import orders, paper_tasks, tasks
 from psm.evaluation import lm
 from psm.metrics import MetricWriter, read_metrics
-from psm.models.llama import LlamaConfig
-from psm.pretrain import pretrain_base
 
 log = logging.getLogger(__name__)
 
-_MODEL_EXTRA_KEYS = ("init", "path")
 MERGE_METHODS = ("average", "select", "select_resample")
 
 
@@ -45,21 +43,21 @@ def validate_config(config) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    if config.task.name not in tasks.TASKS:
-        raise ValueError(f"unknown config.task.name {config.task.name!r}; known tasks: "
-                         f"{sorted(tasks.TASKS)}")
+    known = sorted(tasks.TASKS) + sorted(paper_tasks.PAPER_TASKS)
+    if config.task.name not in known:
+        raise ValueError(f"unknown config.task.name {config.task.name!r}; known tasks: {known}")
     unknown = [m for m in config.merge.methods if m not in MERGE_METHODS]
     if unknown:
         raise ValueError(f"config.merge.methods has unknown methods {unknown}; "
                          f"known: {list(MERGE_METHODS)}")
-    if config.model.init not in ("pretrain",):
-        raise ValueError(f"config.model.init={config.model.init!r} is not supported by this "
-                         "trainer yet; use 'pretrain'")
-
-
-def model_config(config, vocab_size: int) -> LlamaConfig:
-    fields = {k: v for k, v in config.model.items() if k not in _MODEL_EXTRA_KEYS}
-    return LlamaConfig(vocab_size=vocab_size, max_seq_len=config.task.max_len, **fields)
+    if config.model.init not in base_model.INITS:
+        raise ValueError(f"config.model.init={config.model.init!r}; expected one of "
+                         f"{list(base_model.INITS)}")
+    if (config.task.name in paper_tasks.PAPER_TASKS) == (config.model.init == "pretrain"):
+        raise ValueError(f"config.task.name={config.task.name!r} with config.model.init="
+                         f"{config.model.init!r}: the synthetic task pre-trains its own base "
+                         "('pretrain'); the paper's tasks need a tokenizer from a real model "
+                         "('pretrained' or 'random')")
 
 
 def _encode_split(task, split: str, max_len: int):
@@ -100,8 +98,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     k = config.num_replicas
     writer = MetricWriter(workdir)
 
-    # ------------------------------------------------------------ task and data
-    task = tasks.get_task(config.task)
+    # ------------------------------------------------- base model, task, data
+    if config.model.init == "pretrain":
+        task = tasks.get_task(config.task)
+        graphdef, base, _ = base_model.load_base(config, workdir, task.tokenizer)
+    else:
+        graphdef, base, tokenizer = base_model.load_base(config, workdir)
+        task = paper_tasks.paper_task(config.task, tokenizer)
     train_arrays, train_stats = _encode_split(task, "train", config.task.max_len)
     val_arrays, val_stats = _encode_split(task, "validation", config.task.max_len)
     n_train = train_stats["examples"]
@@ -113,10 +116,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log.info("task %s: %d train / %d val / %d test; %d steps per epoch, %d in all",
              task.name, n_train, val_stats["examples"], len(task.splits["test"]),
              steps_per_epoch, total_steps)
-
-    # -------------------------------------------------------------- base model
-    model_cfg = model_config(config, task.tokenizer.vocab_size)
-    graphdef, base = pretrain_base(config, workdir, model_cfg, task.tokenizer)
 
     # ----------------------------------------------------- replicas and mesh
     mesh = sharding.make_mesh(config.mesh.replica, config.mesh.data, k, batch_size)

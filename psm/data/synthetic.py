@@ -84,7 +84,7 @@ class WordTokenizer:
 def _problem(rng: np.random.Generator) -> dict:
     name = NAMES[rng.integers(len(NAMES))]
     item = ITEMS[rng.integers(len(ITEMS))]
-    value = int(rng.integers(2, 21))
+    value = int(rng.integers(2, 10))
     sentences = [f"{name} has {value} {item} ."]
     steps = []
     for j in range(int(rng.integers(2, 4))):
@@ -94,7 +94,7 @@ def _problem(rng: np.random.Generator) -> dict:
             new = value - amount
             steps.append(f"{value} - {amount} = {new} .")
         else:
-            amount = int(rng.integers(1, 21))
+            amount = int(rng.integers(1, 10))
             verb = GAIN_VERBS[rng.integers(len(GAIN_VERBS))]
             new = value + amount
             steps.append(f"{value} + {amount} = {new} .")
@@ -155,7 +155,7 @@ def make_corpus(num_documents: int, seed: int) -> list[str]:
         parts = []
         for _ in range(int(rng.integers(3, 7))):
             kind = rng.random()
-            a, b = int(rng.integers(0, 41)), int(rng.integers(0, 41))
+            a, b = int(rng.integers(0, 31)), int(rng.integers(0, 31))
             if kind < 0.35:
                 parts.append(f"{a} + {b} = {a + b} .")
             elif kind < 0.6:

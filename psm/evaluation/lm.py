@@ -47,7 +47,8 @@ def generate_texts(graphdef, params_m, tokenizer, prompts: list[str], *, batch_s
     Returns:
       `texts[m][i]`: model m's decoded continuation of prompt i.
     """
-    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    ids = [bos + tokenizer.encode(p) for p in prompts]
     gen = jax.vmap(
         lambda st, t, s: decode.generate_tokens(
             graphdef, st, t, s, jax.random.key(0), max_new_tokens=max_new_tokens,

@@ -1,0 +1,103 @@
+"""Shared config skeleton: every field a run reads, with common SFT defaults.
+
+Task configs start from `base()` and override what differs; `smoke(c)` turns a
+real-task config into a few CPU steps of a random tiny model that keeps the
+real model's tokenizer (used by the tests).
+"""
+
+import os
+
+from ml_collections import config_dict
+
+
+def base() -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+    c.seed = 0  # model init, pre-training batches, merge draws
+    c.data_seed = 0  # the K data orders
+    c.num_replicas = 4  # K
+
+    c.task = config_dict.ConfigDict()
+    c.task.name = ""
+    c.task.seed = 0  # generator (synthetic) / validation hold-out draw (real tasks)
+    c.task.data_dir = os.environ.get("PSM_DATA_DIR", "")  # local data root ('' = download)
+    c.task.train_file = ""  # HumanEval only: instruction data for SFT
+    c.task.chat_template = False  # wrap prompt/response in the model's chat template
+    c.task.num_train = 0  # 0 = all
+    c.task.num_validation = 200
+    c.task.num_test = 0  # 0 = all
+    c.task.max_len = 384  # tokens per training row (BOS and EOS included)
+    c.task.prompt_len = 256  # left-padded prompt length for generation
+    c.task.max_new_tokens = 256
+
+    c.model = config_dict.ConfigDict()
+    c.model.init = "pretrained"  # 'pretrain' | 'pretrained' | 'random' (psm/base_model.py)
+    c.model.kind = "smollm2"  # 'smollm2' | 'gguf' | 'hf'
+    c.model.path = ""  # GGUF file or HF folder (smollm2: the wheel's file)
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"  # compute dtype
+    c.model.remat = False
+    c.model.scan_layers = False
+
+    c.pretrain = config_dict.ConfigDict()  # only read by model.init == 'pretrain'
+    c.pretrain.steps = 0
+    c.pretrain.batch_size = 32
+    c.pretrain.learning_rate = 3e-3
+    c.pretrain.warmup_steps = 0
+    c.pretrain.num_documents = 0
+
+    c.optim = config_dict.ConfigDict()  # AdamW, linear warm-up then decay
+    c.optim.learning_rate = 1e-4
+    c.optim.warmup_steps = 30
+    c.optim.schedule = "linear"
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.clip_norm = 1.0
+
+    c.train = config_dict.ConfigDict()
+    c.train.epochs = 3
+    c.train.batch_size = 16  # per replica
+    c.train.fixed_intra_batch = False  # METHOD.md section 2 ablation
+    c.train.log_every = 25
+    c.train.eval_every = 100  # validation loss of singles and their average (Fig. 4); 0 = off
+
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.replica = -1  # -1: as many devices as divide K
+    c.mesh.data = 1
+
+    c.checkpoint = config_dict.ConfigDict()
+    c.checkpoint.every_steps = 200
+    c.checkpoint.keep = 2
+
+    c.merge = config_dict.ConfigDict()
+    c.merge.methods = ("average", "select", "select_resample")
+    c.merge.resample = 3  # n extra draws for select_resample
+    c.merge.seed = 0
+
+    c.eval = config_dict.ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.num_bins = 20
+    return c
+
+
+def smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """A few CPU steps: random tiny Llama with the real tokenizer, tiny splits."""
+    c.num_replicas = 2
+    c.model.init = "random"
+    c.model.dtype = "float32"
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
+    c.model.num_heads, c.model.num_kv_heads = 2, 1
+    c.model.tie_embeddings = True
+    c.task.num_train, c.task.num_validation, c.task.num_test = 8, 4, 2
+    c.task.max_len, c.task.prompt_len, c.task.max_new_tokens = 256, 224, 4
+    c.train.epochs, c.train.batch_size, c.train.log_every, c.train.eval_every = 1, 4, 1, 0
+    c.optim.warmup_steps = 0
+    c.checkpoint.every_steps = 2
+    c.eval.batch_size = 4
+    return c
+
+
+def parse_arg(arg, known: tuple[str, ...], name: str) -> str:
+    if arg and arg not in known:
+        raise ValueError(f"unknown variant {arg!r} of configs/{name}.py; known: {list(known)}")
+    return arg or ""
