@@ -57,3 +57,19 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def restore_tree(path: str, like: Any) -> Any:
+    """Restores one parameter tree saved with orbax's StandardSave at `path`.
+
+    Args:
+      like: a tree of arrays or ShapeDtypeStructs giving structure, dtypes and shardings.
+    Raises:
+      ValueError: `path` is not an orbax checkpoint of that structure (names the folder).
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    path = os.path.abspath(path)
+    try:
+        return ocp.StandardCheckpointer().restore(path, abstract)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} is not an orbax checkpoint of the config's model: {e}") from e

@@ -28,16 +28,22 @@ def write_per_sample(workdir: str, ids, positions: np.ndarray, replica_losses: n
     return path
 
 
-def write_test_predictions(workdir: str, examples, names, texts, scores) -> str:
-    """Per test example and model: the generated text, extracted answer, correctness."""
+def write_test_predictions(workdir: str, per_example: dict) -> str:
+    """Per test example: each model's prediction, extracted answer and correctness.
+
+    Args:
+      per_example: model name -> list of {id, prediction, extracted, correct}
+        (from `psm.evaluation.runner.evaluate_models`), all in the same order.
+    """
     path = os.path.join(workdir, "test_predictions.jsonl")
+    names = list(per_example)
     with open(path + ".tmp", "w") as f:
-        for i, ex in enumerate(examples):
+        for i, first in enumerate(per_example[names[0]] if names else []):
             f.write(json.dumps({
-                "id": int(ex["id"]),
-                "models": {n: {"text": texts[m][i], "extracted": scores[m][i]["extracted"],
-                               "correct": bool(scores[m][i]["correct"])}
-                           for m, n in enumerate(names)},
+                "id": first["id"],
+                "models": {n: {"text": per_example[n][i]["prediction"],
+                               "extracted": per_example[n][i]["extracted"],
+                               "correct": per_example[n][i]["correct"]} for n in names},
             }) + "\n")
     os.replace(path + ".tmp", path)
     return path

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from psm import base_model, checkpoint, imbalance, merge, replicas, report, sharding
 from psm import workdir as wd
 from psm.data import orders, paper_tasks, tasks
-from psm.evaluation import lm
+from psm.evaluation import lm, runner
 from psm.metrics import MetricWriter, read_metrics
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,24 @@ def _encode_split(task, split: str, max_len: int):
     return arrays, stats
 
 
-def _merge_all(config, params_k, base) -> dict:
-    """The merged models named in config.merge.methods: name -> parameter tree."""
+def make_optimizer(config, total_steps: int):
+    """The run's optimizer from config.optim: (transformation, learning-rate schedule)."""
+    return replicas.make_optimizer(
+        learning_rate=config.optim.learning_rate, total_steps=total_steps,
+        warmup_steps=config.optim.warmup_steps, schedule=config.optim.schedule,
+        weight_decay=config.optim.weight_decay, b1=config.optim.b1, b2=config.optim.b2,
+        clip_norm=config.optim.clip_norm)
+
+
+def merge_models(config, params_k, base, methods=None) -> dict:
+    """Merges stacked replicas `[K, ...]` with each method (default config.merge.methods).
+
+    Returns:
+      name -> merged parameter tree; select_resample is named `select_resample<n>`.
+    """
     key = jax.random.key(config.merge.seed)
     out = {}
-    for method in config.merge.methods:
+    for method in methods or config.merge.methods:
         if method == "average":
             out["average"] = merge.average(params_k)
         elif method == "select":
@@ -81,12 +94,6 @@ def _merge_all(config, params_k, base) -> dict:
             out[f"select_resample{config.merge.resample}"] = merge.select(
                 params_k, key=key, base=base, resample=config.merge.resample)
     return out
-
-
-def _val_loss(per_sample: np.ndarray, arrays) -> np.ndarray:
-    """Token-weighted mean loss `[M]` from per-sample mean losses `[M, N]`."""
-    counts = arrays["loss_mask"].sum(axis=1)
-    return (per_sample * counts).sum(axis=1) / counts.sum()
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -120,11 +127,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ----------------------------------------------------- replicas and mesh
     mesh = sharding.make_mesh(config.mesh.replica, config.mesh.data, k, batch_size)
     state_sh, batch_sh = sharding.replica_sharding(mesh), sharding.batch_sharding(mesh)
-    tx, lr_schedule = replicas.make_optimizer(
-        learning_rate=config.optim.learning_rate, total_steps=total_steps,
-        warmup_steps=config.optim.warmup_steps, schedule=config.optim.schedule,
-        weight_decay=config.optim.weight_decay, b1=config.optim.b1, b2=config.optim.b2,
-        clip_norm=config.optim.clip_norm)
+    tx, lr_schedule = make_optimizer(config, total_steps)
     params_k = jax.device_put(replicas.stack(base, k), state_sh)
     opt_k = jax.device_put(replicas.init_opt_state(tx, params_k), state_sh)
     train_step = replicas.make_train_step(graphdef, tx, state_sh, batch_sh)
@@ -188,7 +191,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ------------------------------------------------------------------ merge
     t_merge = time.time()
-    merged = _merge_all(config, params_k, base)
+    merged = merge_models(config, params_k, base)
     merged = jax.block_until_ready(merged)
     merge_seconds = time.time() - t_merge
 
@@ -196,15 +199,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     names = [f"replica {i}" for i in range(k)] + list(merged)
     singles = [replicas.unstack(params_k, i) for i in range(k)]
     models_m = lm.stack_models(singles + list(merged.values()))
-    val_per_sample = lm.per_sample_losses(eval_step, models_m, val_arrays,
-                                          config.eval.batch_size, desc="validation loss")
-    val_loss = _val_loss(val_per_sample, val_arrays)
+    evaluated = runner.evaluate_models(graphdef, models_m, names, task, val_arrays, config,
+                                       eval_step)
+    val_loss, accuracy = evaluated["val_loss"], evaluated["test_accuracy"]
     test = task.splits["test"]
-    texts = lm.generate_texts(graphdef, models_m, task.tokenizer, [task.prompt(e) for e in test],
-                              batch_size=config.eval.batch_size, prompt_len=config.task.prompt_len,
-                              max_new_tokens=config.task.max_new_tokens, desc="test generation")
-    scores = [[task.score(t, e) for t, e in zip(texts[m], test)] for m in range(len(names))]
-    accuracy = np.array([np.mean([s["correct"] for s in sc]) for sc in scores])
     train_losses = lm.per_sample_losses(eval_step, models_m, train_arrays,
                                         config.eval.batch_size, desc="per-sample train loss")
     positions = orders.first_epoch_positions(**order_kw)
@@ -216,7 +214,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ids = [e["id"] for e in task.splits["train"]]
     report.write_per_sample(workdir, ids, positions, train_losses[:k],
                             dict(zip(list(merged), train_losses[k:])))
-    report.write_test_predictions(workdir, test, names, texts, scores)
+    report.write_test_predictions(workdir, evaluated["per_example"])
     stats = imbalance.imbalance_report(positions, train_losses[:k], config.eval.num_bins)
     merged_trend = {name: imbalance.trend(positions[0], train_losses[k + j], config.eval.num_bins)
                     for j, name in enumerate(merged)}
@@ -247,7 +245,7 @@ def _eval_during_training(writer, step, eval_step, params_k, val_arrays, config)
     avg = merge.average(params_k)
     models = jax.tree.map(lambda s, a: jnp.concatenate([s, a[None]]), params_k, avg)
     per_sample = lm.per_sample_losses(eval_step, models, val_arrays, config.eval.batch_size)
-    losses = _val_loss(per_sample, val_arrays)
+    losses = runner.token_weighted_loss(per_sample, val_arrays)
     writer.write(step, **{"val/loss": losses[:-1], "val/loss_average_merge": float(losses[-1])})
 
 

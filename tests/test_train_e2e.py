@@ -185,3 +185,27 @@ def test_killed_run_resumes_to_bit_identical_parameters(finished_run, tmp_path):
     assert len(leaves_a) == len(leaves_b) > 0
     for a, b in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kwargs,names", [
+    ({}, ["replica 0", "replica 1", "replica 2", "replica 3"]),
+    ({"replica": 2}, ["replica 2"]),
+    ({"merge": "select_resample"}, ["select_resample3"]),
+    ({"merge": "average"}, ["average"]),
+])
+def test_evaluate_command_reproduces_the_trainers_scores(finished_run, tmp_path, kwargs, names):
+    from psm import evaluate
+
+    workdir, results = finished_run
+    report = evaluate.evaluate(_config(), workdir, out=str(tmp_path), **kwargs)
+    assert list(report["models"]) == names
+    for name in names:
+        assert report["models"][name]["val_loss"] == pytest.approx(
+            results["models"][name]["val_loss"], rel=1e-6)
+        assert report["models"][name]["test_accuracy"] == results["models"][name][
+            "test_accuracy"]
+    with open(tmp_path / "eval.json") as f:
+        written = json.load(f)
+    rows = written["per_example"][names[0]]
+    assert len(rows) == _config().task.num_test
+    assert set(rows[0]) == {"id", "prediction", "extracted", "correct"}

@@ -1,0 +1,154 @@
+"""Evaluate a single or merged model: `python -m psm.evaluate`.
+
+  python -m psm.evaluate --config=configs/gsm8k.py --checkpoint=runs/gsm8k [--merge=select_resample]
+  python -m psm.evaluate --config=configs/gsm8k.py --checkpoint=<HF folder>
+  python -m psm.evaluate --config=configs/tiny.py --checkpoint=runs/tiny --replica=2
+
+`--checkpoint` is a psm training workdir (its replicas, from the latest
+checkpoint; `--merge` merges them first, `--replica` picks one), a Hugging Face
+model folder, or an orbax checkpoint of one parameter tree for the config's
+model. Writes `eval.json` (to `--out`, default the checkpoint folder or the
+current folder) with the metrics and per-example results (id, prediction,
+extracted answer, correct), using the same code as the trainer's final
+evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from psm import base_model, checkpoint, replicas
+from psm.data import paper_tasks, tasks
+from psm.evaluation import lm, runner
+from psm.trainer import MERGE_METHODS, make_optimizer, merge_models
+
+log = logging.getLogger(__name__)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
+                                          lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "psm workdir, HF folder or orbax "
+                                  "checkpoint of one parameter tree.")
+_MERGE = flags.DEFINE_enum("merge", None, list(MERGE_METHODS), "Merge a workdir's replicas "
+                           "with this method first.")
+_REPLICA = flags.DEFINE_integer("replica", None, "Evaluate only this replica of a workdir.")
+_OUT = flags.DEFINE_string("out", None, "Folder for eval.json (default: see module doc).")
+
+
+def _kind(path: str) -> str:
+    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(
+            os.path.join(path, "config.json")):
+        return "workdir"
+    if os.path.exists(os.path.join(path, "config.json")):
+        return "hf"
+    if os.path.isdir(path):
+        return "orbax"
+    raise ValueError(f"--checkpoint {path!r} is not a psm workdir (checkpoints/ + config.json), "
+                     "an HF folder (config.json + safetensors) or an orbax checkpoint folder")
+
+
+def load_models(config, path: str, *, merge: str | None = None, replica: int | None = None):
+    """Loads the model(s) to evaluate.
+
+    Returns:
+      (graphdef, params `[M, ...]` stacked, names [M], model tokenizer or None).
+    """
+    kind = _kind(path)
+    if kind == "hf":
+        cfg = dict(config.model.to_dict(), kind="hf", path=path, init="pretrained")
+        graphdef, params, tokenizer = base_model.load_base(_with_model(config, cfg), "")
+        return graphdef, lm.stack_models([params]), [os.path.basename(path.rstrip("/"))], \
+            tokenizer
+    # The config builds the model's structure; weights then come from the checkpoint.
+    task_tok = tasks.get_task(config.task).tokenizer if config.model.init == "pretrain" else None
+    if config.model.init == "pretrain":
+        cfg = base_model._arch(config, task_tok.vocab_size)
+        graphdef, like = base_model.llama.abstract_model(cfg)
+        tokenizer = None
+    else:
+        graphdef, like, tokenizer = base_model.load_base(config, "")
+    if kind == "orbax":
+        return graphdef, lm.stack_models([checkpoint.restore_tree(path, like)]), ["model"], \
+            tokenizer
+    ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), interval=1, keep=10**9)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ValueError(f"{path}/checkpoints holds no checkpoint")
+    k = config.num_replicas
+    params_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct((k,) + x.shape, x.dtype), like)
+    tx, _ = make_optimizer(config, total_steps=1)  # only the state's structure matters
+    state_like = {"params": params_like,
+                  "opt_state": jax.eval_shape(lambda p: replicas.init_opt_state(tx, p),
+                                              params_like)}
+    params_k = ckpt.restore(step, state_like)["params"]
+    ckpt.close()
+    if replica is not None:
+        if not 0 <= replica < k:
+            raise ValueError(f"--replica={replica} is not in [0, {k})")
+        return graphdef, lm.stack_models([replicas.unstack(params_k, replica)]), \
+            [f"replica {replica}"], tokenizer
+    if merge:
+        base = like if config.model.init != "pretrain" else _base_of(path, like)
+        merged = merge_models(config, params_k, base, methods=(merge,))
+        return graphdef, lm.stack_models(list(merged.values())), list(merged), tokenizer
+    return graphdef, params_k, [f"replica {i}" for i in range(k)], tokenizer
+
+
+def _base_of(workdir: str, like):
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "base"), interval=1, keep=1)
+    try:
+        return ckpt.restore(ckpt.latest_step(), like)
+    finally:
+        ckpt.close()
+
+
+def _with_model(config, model_cfg: dict):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for key, value in model_cfg.items():
+            config.model[key] = value
+    return config
+
+
+def evaluate(config, path: str, *, merge=None, replica=None, out=None) -> dict:
+    """Evaluates and writes `eval.json`; returns its content."""
+    graphdef, params_m, names, tokenizer = load_models(config, path, merge=merge,
+                                                       replica=replica)
+    task = (tasks.get_task(config.task) if config.model.init == "pretrain"
+            else paper_tasks.paper_task(config.task, tokenizer))
+    val_arrays, _ = tasks.encode_split(task, "validation", config.task.max_len)
+    result = runner.evaluate_models(graphdef, params_m, names, task, val_arrays, config)
+    report = {
+        "checkpoint": os.path.abspath(path), "task": task.name,
+        "models": {n: {"val_loss": float(result["val_loss"][m]),
+                       "test_accuracy": float(result["test_accuracy"][m])}
+                   for m, n in enumerate(names)},
+        "per_example": result["per_example"],
+    }
+    out = out or (path if os.path.isdir(path) else ".")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    for n, m in report["models"].items():
+        print(f"{n}: val loss {m['val_loss']:.4f}, test accuracy {m['test_accuracy']:.3f}")
+    return report
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("psm").setLevel(logging.INFO)
+    evaluate(_CONFIG.value, _CHECKPOINT.value, merge=_MERGE.value, replica=_REPLICA.value,
+             out=_OUT.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "checkpoint"])
+    app.run(main)
