@@ -1,0 +1,396 @@
+"""Jitted per-leaf kernels of `psm.merge`.
+
+Every kernel takes the K inputs of one leaf either as a K-tuple of arrays (models
+given as K trees: never stacked into a `[K, ...]` copy) or as one `[K, ...]`
+array (`stacked=True`, sliced inside the jit so XLA fuses the slices), and
+computes the merged leaf in one fused elementwise pass.
+
+Random draws are counter-based (see `draw`): a scalar's draw is a hash of
+(leaf key, stream, flat index), so it does not depend on sharding, device count
+or the order leaves are visited in.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+_MUL1 = np.uint32(0x7FEB352D)
+_MUL2 = np.uint32(0x846CA68B)
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """float32 for 16-bit floats, else the dtype itself (float32 / float64)."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+
+
+def uint_for(dtype) -> np.dtype:
+    """Unsigned integer type with the width of a float compute dtype."""
+    return np.dtype(np.uint32) if np.dtype(dtype).itemsize == 4 else np.dtype(np.uint64)
+
+
+def _mix32(h):
+    """Chris Wellons' `lowbias32` integer hash (a bijection on uint32)."""
+    h = h ^ (h >> 16)
+    h = h * _MUL1
+    h = h ^ (h >> 15)
+    h = h * _MUL2
+    return h ^ (h >> 16)
+
+
+def stream_seeds(key, words, stream):
+    """Two uint32 seed words of one random stream of one leaf, `[2]`.
+
+    seeds = random.bits(fold_in(fold_in(fold_in(key, w0), w1), stream), (2,), uint32)
+    where (w0, w1) are the leaf's name words (see `_merge_tree.name_words`).
+    """
+    leaf_key = jax.random.fold_in(jax.random.fold_in(key, words[0]), words[1])
+    return jax.random.bits(jax.random.fold_in(leaf_key, stream), (2,), jnp.uint32)
+
+
+@partial(jax.jit, static_argnames=("n",))
+def leaf_seeds(key, words, *, n):
+    """Seeds of streams 0..n-1 of one leaf, `[n, 2]` uint32 (kept out of the big
+    kernels so those compile fast and are shared by all leaves of a shape)."""
+    return jnp.stack([stream_seeds(key, words, i) for i in range(n)])
+
+
+def _explicit_sharding(x):
+    """x's NamedSharding when it is sharded over Explicit mesh axes (else None).
+
+    Under explicit sharding (the default of `jax.make_mesh`) shardings are part
+    of the types, so the kernels must line operands up themselves.
+    """
+    sh = getattr(jax.typeof(x), "sharding", None)
+    if not isinstance(sh, NamedSharding) or not any(s is not None for s in sh.spec):
+        return None
+    if not any(t == AxisType.Explicit for t in sh.mesh.axis_types):
+        return None
+    return sh
+
+
+def like(x, ref):
+    """x resharded to ref's explicit sharding (no-op otherwise)."""
+    sh = _explicit_sharding(ref)
+    if sh is None or getattr(jax.typeof(x), "sharding", None) == sh:
+        return x
+    return jax.sharding.reshard(x, sh)
+
+
+def counters(shape, offset, ref=None):
+    """Row-major flat index of every element, plus offset, as uint32 `shape`.
+
+    ref: an operand whose explicit sharding the counters should share.
+    """
+    offset = jnp.asarray(offset, jnp.uint32)
+    if not shape:
+        return offset
+    sh = None if ref is None else _explicit_sharding(ref)
+    iota = partial(lax.broadcasted_iota, jnp.uint32, shape, out_sharding=sh)
+    ndim = len(shape)
+    idx = iota(ndim - 1)
+    stride = 1
+    for d in range(ndim - 2, -1, -1):
+        stride *= shape[d + 1]
+        idx = idx + iota(d) * np.uint32(stride)
+    return idx + offset
+
+
+def draw(ctr, seeds):
+    """uint32 draw per counter: mix32(mix32(ctr ^ s0) ^ s1)."""
+    return _mix32(_mix32(ctr ^ seeds[0]) ^ seeds[1])
+
+
+def _unstack(inputs, stacked: bool):
+    """The K per-model arrays (slices of a stacked input, fused by XLA)."""
+    if not stacked:
+        xs = list(inputs)
+        return [xs[0]] + [like(x, xs[0]) for x in xs[1:]]
+    sh = _explicit_sharding(inputs)
+    if sh is not None and sh.spec[0] is not None:
+        # Explicit sharding cannot slice a sharded model axis: gather it first.
+        inputs = jax.sharding.reshard(
+            inputs, NamedSharding(sh.mesh, PartitionSpec(None, *tuple(sh.spec)[1:])))
+    return [inputs[i] for i in range(inputs.shape[0])]
+
+
+def _constrain(out, out_sharding):
+    if not isinstance(out_sharding, NamedSharding):
+        return out
+    if any(t == AxisType.Explicit for t in out_sharding.mesh.axis_types):
+        if getattr(jax.typeof(out), "sharding", None) != out_sharding:
+            out = jax.sharding.reshard(out, out_sharding)
+        return out
+    return lax.with_sharding_constraint(out, out_sharding)
+
+
+def _poison(arrays, dtype):
+    """-0 where every array is finite at that position, NaN elsewhere.
+
+    Adding it to a result leaves every finite result bit-identical (x + -0 == x,
+    including x = -0) and makes the result non-finite wherever an input is, so
+    one host check of the output detects non-finite inputs.
+    """
+    z = jnp.abs(arrays[0].astype(dtype)) * 0
+    for a in arrays[1:]:
+        z = z + jnp.abs(a.astype(dtype)) * 0
+    return -z
+
+
+_STATIC = ("stacked", "out_sharding")
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def average_kernel(inputs, weights, *, stacked, out_sharding):
+    """sum_i w_i x_i accumulated in float32 (or float64) in model order."""
+    xs = _unstack(inputs, stacked)
+    dtype = xs[0].dtype
+    ct = compute_dtype(dtype)
+    acc = xs[0].astype(ct) * weights[0]
+    for i in range(1, len(xs)):
+        acc = acc + xs[i].astype(ct) * weights[i]
+    return _constrain(acc.astype(dtype), out_sharding)
+
+
+@partial(jax.jit, static_argnames=_STATIC + ("last", "poison"))
+def select_kernel(inputs, seeds, offset, thresholds, *, stacked, last, out_sharding,
+                  poison):
+    """Per scalar: model i where C_{i-1} <= u < C_i (u = 32-bit draw, C = cum. probs)."""
+    xs = _unstack(inputs, stacked)
+    u = draw(counters(xs[0].shape, offset, xs[0]), seeds[0])
+    out = xs[last]
+    for i in range(last - 1, -1, -1):
+        out = jnp.where(u < thresholds[i], xs[i], out)
+    if poison:
+        out = out + _poison(xs, out.dtype)
+    return _constrain(out, out_sharding)
+
+
+def _unit(u):
+    """uint32 draw -> float32 in (0, 1) with 2^-24 resolution (bin midpoints)."""
+    return ((u >> 8).astype(jnp.float32) + 0.5) * np.float32(2.0**-24)
+
+
+@partial(jax.jit, static_argnames=_STATIC + ("n", "use_tol", "poison"))
+def resample_kernel(inputs, base, seeds, offset, probs, tol, *, stacked, n, use_tol,
+                    out_sharding, poison):
+    """Selection with n redraws, sampled from its closed form in one pass.
+
+    With q = sum of p_i over unchanged candidates, P(base) = q^(n+1); else a
+    changed candidate with probability proportional to p_i. One uniform u per
+    scalar decides both: base where u < P(base); otherwise
+    r = (u - P(base)) / (1 - P(base)), uniform given u >= P(base), picks the
+    first candidate i with r * W < W_i, where W_i are the cumulative sums of
+    p_i over changed candidates (so an unchanged one is never the first) and
+    W = W_{K-1}. r is capped at 1 - 2^-23 so that r * W < W always holds.
+    """
+    xs = _unstack(inputs, stacked)
+    base = like(base, xs[0])
+    dtype = xs[0].dtype
+    ct = compute_dtype(dtype)
+    if use_tol:
+        bc = base.astype(ct)
+        changed = [jnp.abs(x.astype(ct) - bc) > tol for x in xs]
+    else:
+        changed = [x != base for x in xs]
+    zero = np.float32(0)
+    q, cum = None, []
+    for i, c in enumerate(changed):
+        qi = jnp.where(c, zero, probs[i])
+        wi = jnp.where(c, probs[i], zero)
+        q = qi if q is None else q + qi
+        cum.append(wi if not cum else cum[-1] + wi)
+    total = cum[-1]
+    u = _unit(draw(counters(xs[0].shape, offset, xs[0]), seeds[0]))
+    p_base = lax.integer_pow(q, n + 1)
+    r = jnp.minimum((u - p_base) / (1 - p_base), np.float32(1 - 2.0**-23))
+    v = r * total
+    out = xs[-1]
+    for i in range(len(xs) - 2, -1, -1):
+        out = jnp.where(v < cum[i], xs[i], out)
+    out = jnp.where((u < p_base) | (total == 0), base, out)
+    if poison:
+        out = out + _poison(xs + [base], dtype)
+    return _constrain(out, out_sharding)
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def task_arithmetic_kernel(inputs, base, weights, scale, *, stacked, out_sharding):
+    """base + scale * sum_i w_i (x_i - base), in float32 (or float64)."""
+    xs = _unstack(inputs, stacked)
+    dtype = xs[0].dtype
+    ct = compute_dtype(dtype)
+    base = like(base, xs[0])
+    b = base.astype(ct)
+    acc = None
+    for i, x in enumerate(xs):
+        term = (x.astype(ct) - b) * weights[i]
+        acc = term if acc is None else acc + term
+    return _constrain((b + acc * scale).astype(dtype), out_sharding)
+
+
+def _disjoint_mean(ds, ws, normalize):
+    """TIES sign election + disjoint merge of weighted deltas ds (mergekit 'sum')."""
+    total = ds[0]
+    for d in ds[1:]:
+        total = total + d
+    one = jnp.ones((), total.dtype)
+    majority = jnp.where(total >= 0, one, -one)
+    num, den = None, None
+    for d, w in zip(ds, ws):
+        agree = jnp.sign(d) == majority
+        nd = jnp.where(agree, d, 0)
+        num = nd if num is None else num + nd
+        if normalize:
+            wd = jnp.where(agree, w, 0)
+            den = wd if den is None else den + wd
+    if normalize:
+        num = num / jnp.where(den == 0, one, den)
+    return num
+
+
+def magnitude_bits(x, b, ct):
+    """|x - b| in the compute dtype, bit-cast to its unsigned integer type."""
+    return lax.bitcast_convert_type(jnp.abs(x.astype(ct) - b.astype(ct)), uint_for(ct))
+
+
+@partial(jax.jit, static_argnames=_STATIC + ("normalize", "poison"))
+def ties_kernel(inputs, base, tbits, cuts, weights, scale, *, stacked, normalize,
+                out_sharding, poison):
+    """TIES with precomputed per-model trim thresholds.
+
+    Model i keeps entry j iff |tau_ij| > t_i, or |tau_ij| == t_i and j < cut_i
+    (ties at the threshold are kept in flat-index order), compared as bit
+    patterns of the non-negative float magnitudes.
+    """
+    xs = _unstack(inputs, stacked)
+    dtype = xs[0].dtype
+    ct = compute_dtype(dtype)
+    base = like(base, xs[0])
+    b = base.astype(ct)
+    ctr = counters(xs[0].shape, 0, xs[0])
+    ds = []
+    for i, x in enumerate(xs):
+        tau = x.astype(ct) - b
+        u = lax.bitcast_convert_type(jnp.abs(tau), uint_for(ct))
+        keep = (u > tbits[i]) | ((u == tbits[i]) & (ctr < cuts[i]))
+        ds.append(jnp.where(keep, tau * weights[i], 0))
+    mixed = _disjoint_mean(ds, [weights[i] for i in range(len(xs))], normalize)
+    out = b + mixed * scale
+    if poison:
+        out = out + _poison(xs + [base], ct)
+    return _constrain(out.astype(dtype), out_sharding)
+
+
+def _dare_deltas(xs, b, ct, seeds, offset, drop_thr):
+    """Per model: (tau_i, keep_i), keep_i true with probability 1 - drop_rate_i."""
+    ctr = counters(xs[0].shape, offset, xs[0])
+    out = []
+    for i, x in enumerate(xs):
+        keep = draw(ctr, seeds[i]) >= drop_thr[i]
+        out.append((x.astype(ct) - b, keep))
+    return out
+
+
+@partial(jax.jit, static_argnames=("stacked",))
+def dare_l1_kernel(inputs, base, seeds, offset, drop_thr, *, stacked):
+    """Per model |tau_i| and its kept part, `[2, K, *shape]` (summed on the host)."""
+    xs = _unstack(inputs, stacked)
+    ct = compute_dtype(xs[0].dtype)
+    pairs = _dare_deltas(xs, like(base, xs[0]).astype(ct), ct, seeds, offset, drop_thr)
+    before = jnp.stack([jnp.abs(t) for t, _ in pairs])
+    after = jnp.stack([jnp.where(k, jnp.abs(t), 0) for t, k in pairs])
+    return jnp.stack([before, after])
+
+
+@partial(jax.jit, static_argnames=_STATIC + ("combine", "normalize", "poison"))
+def dare_kernel(inputs, base, seeds, offset, drop_thr, factors, weights, scale, *,
+                stacked, combine, normalize, out_sharding, poison):
+    """DARE: keep each tau entry with prob. 1 - p_i, multiply kept ones by factor_i,
+    weight, then combine linearly (sum, optionally / sum w) or TIES-style."""
+    xs = _unstack(inputs, stacked)
+    dtype = xs[0].dtype
+    ct = compute_dtype(dtype)
+    base = like(base, xs[0])
+    b = base.astype(ct)
+    pairs = _dare_deltas(xs, b, ct, seeds, offset, drop_thr)
+    ds = [jnp.where(k, t * factors[i], 0) * weights[i] for i, (t, k) in enumerate(pairs)]
+    if combine == "ties":
+        mixed = _disjoint_mean(ds, [weights[i] for i in range(len(xs))], normalize)
+    else:
+        mixed = ds[0]
+        for d in ds[1:]:
+            mixed = mixed + d
+        if normalize:
+            total = weights[0]
+            for i in range(1, len(xs)):
+                total = total + weights[i]
+            mixed = mixed / jnp.where(jnp.abs(total) < 1e-8, jnp.ones((), ct), total)
+    out = b + mixed * scale
+    if poison:
+        out = out + _poison(xs + [base], ct)
+    return _constrain(out.astype(dtype), out_sharding)
+
+
+# ---- helpers of the exact TIES threshold search (see _merge_trim) ----------------
+
+def _flat(x):
+    """x flattened; explicitly sharded arrays are gathered first (explicit
+    sharding cannot reshape across sharded dimensions)."""
+    sh = _explicit_sharding(x)
+    if sh is not None:
+        x = jax.sharding.reshard(x, NamedSharding(sh.mesh, PartitionSpec()))
+    return x.reshape(-1)
+
+
+@partial(jax.jit, static_argnames=("stacked",))
+def sample_bits_kernel(inputs, base, positions, *, stacked):
+    """Magnitude bits of every model at the given flat positions, `[K, S]`."""
+    xs = _unstack(inputs, stacked)
+    ct = compute_dtype(xs[0].dtype)
+    bf = _flat(base)[positions]
+    return jnp.stack([magnitude_bits(_flat(x)[positions], bf, ct) for x in xs])
+
+
+@partial(jax.jit, static_argnames=("stacked",))
+def gather_bits_kernel(inputs, base, positions, *, stacked):
+    """Magnitude bits of model i at positions[i], `[K, S]`."""
+    xs = _unstack(inputs, stacked)
+    ct = compute_dtype(xs[0].dtype)
+    bf = _flat(base)
+    return jnp.stack([magnitude_bits(_flat(x)[positions[i]], bf[positions[i]], ct)
+                      for i, x in enumerate(xs)])
+
+
+@partial(jax.jit, static_argnames=("stacked",))
+def full_bits_kernel(inputs, base, *, stacked):
+    """Magnitude bits of every model, flattened, `[K, N]`."""
+    xs = _unstack(inputs, stacked)
+    ct = compute_dtype(xs[0].dtype)
+    return jnp.stack([_flat(magnitude_bits(x, like(base, x), ct)) for x in xs])
+
+
+@partial(jax.jit, static_argnames=("stacked", "models"))
+def code_kernel(inputs, base, lo, hi, *, stacked, models):
+    """Bracket labels of up to 4 models packed in one uint8 per scalar, `shape`.
+
+    For the g-th model i of `models`: bit g is set where bits_i > hi_i (above
+    the bracket) and bit 4 + g where lo_i <= bits_i <= hi_i (inside).
+    """
+    xs = _unstack(inputs, stacked)
+    ct = compute_dtype(xs[0].dtype)
+    base = like(base, xs[0])
+    sh = _explicit_sharding(xs[0])
+    out = jnp.zeros(xs[0].shape, jnp.uint8, out_sharding=sh)
+    for g, i in enumerate(models):
+        u = magnitude_bits(xs[i], base, ct)
+        above = (u > hi[i]).astype(jnp.uint8) << g
+        inside = ((u >= lo[i]) & (u <= hi[i])).astype(jnp.uint8) << (4 + g)
+        out = out | above | inside
+    return out

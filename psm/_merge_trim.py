@@ -1,0 +1,393 @@
+"""Exact TIES trim thresholds in linear time.
+
+TIES keeps, per model, the k entries of the task vector with the largest
+magnitude (k = max(1, int(density * n)), as mergekit). Instead of sorting
+(O(n log n); `jnp.partition` / `lax.top_k` are sort-based on CPU) this finds
+the k-th largest magnitude exactly with two linear passes:
+
+1. a fixed pseudo-random sample of positions gives a bracket [lo, hi] that
+   contains the k-th largest magnitude with overwhelming probability
+   (binomial bounds, 5 sigma);
+2. one fused pass over the data labels each entry as above / inside / below
+   the bracket (2 bits per model, packed in a uint8 per scalar); the host
+   counts the labels (popcount) and gathers the few entries inside, where
+   `np.partition` finds the exact threshold.
+
+If the bracket misses (a check on the exact counts), the group falls back to a
+full host-side `np.partition`, so the result is always exact. Magnitudes are
+compared as the bit patterns of non-negative floats (same order as the values).
+Ties at the threshold are broken by position: flat index within a tensor, and
+for whole-model trimming the leaves in sorted-name order, then flat index;
+exactly k entries are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from psm import _merge_kernels as K
+
+SAMPLE = 1 << 16      # sampled positions per tensor (per-tensor scope)
+SAMPLE_TOTAL = 1 << 18  # sampled positions per model (whole-model scope)
+EXACT = 1 << 17       # tensors up to this size are solved exactly on the host
+CUT_ALL = np.uint32(0xFFFFFFFF)  # keep every tie (flat index < 2^32 - 1 always)
+
+
+def trim_count(density: float, n: int) -> int:
+    """Entries kept from n: mergekit's `max(1, int(density * n))`; 0 / n at the ends."""
+    if density >= 1:
+        return n
+    if density <= 0 or n == 0:
+        return 0
+    return max(1, int(density * n))
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(n: int, s: int) -> np.ndarray:
+    """s sorted flat positions in [0, n), one uniformly drawn in each of s equal
+    strata (a seed fixed by n), as int32. Jittered rather than strided so that
+    the sample does not alias with a tensor's row length."""
+    rng = np.random.default_rng(n)
+    starts = (np.arange(s, dtype=np.int64) * n) // s
+    ends = (np.arange(1, s + 1, dtype=np.int64) * n) // s
+    pos = starts + (rng.random(s) * (ends - starts)).astype(np.int64)
+    out = np.minimum(pos, ends - 1).astype(np.int32)
+    out.setflags(write=False)  # cached: shared between calls
+    return out
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(4, (max(m, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class _Part:
+    """What one tensor contributes to one model's search."""
+
+    n: int
+    above: int = 0            # entries with bits > hi
+    idx: np.ndarray = None    # flat indices of entries in [lo, hi], ascending
+    vals: np.ndarray = None   # their bits
+
+
+def _bracket_uniform(vals, weight, k, var, nonebits):
+    """`_bracket` for a sample in which every value stands for `weight` entries."""
+    s = len(vals)
+    margin = 5.0 * np.sqrt(var) + 64
+    j_hi = int(np.floor((k - margin) / weight)) - 1   # desc. index, count <= k - margin
+    j_lo = int(np.ceil((k + margin) / weight)) - 1    # desc. index, count >= k + margin
+    want = [s - 1 - j for j in (j_hi, j_lo) if 0 <= j < s]
+    part = np.partition(vals, want) if want else vals
+    hi = part[s - 1 - j_hi] if 0 <= j_hi < s else vals.dtype.type(nonebits)
+    lo = part[s - 1 - j_lo] if 0 <= j_lo < s else vals.dtype.type(0)
+    return lo, hi
+
+
+def _bracket(vals, weights, k, var, nonebits):
+    """(lo, hi) bits from a weighted sample: est. count >= hi is < k - margin and
+    est. count >= lo exceeds k + margin."""
+    order = np.argsort(vals, kind="stable")[::-1]
+    v, c = vals[order], np.cumsum(weights[order])
+    margin = 5.0 * np.sqrt(var) + 64
+    j_hi = np.searchsorted(c, k - margin, side="right") - 1
+    j_lo = np.searchsorted(c, k + margin, side="left")
+    hi = v[j_hi] if j_hi >= 0 else v.dtype.type(nonebits)
+    lo = v[j_lo] if j_lo < len(v) else v.dtype.type(0)
+    return lo, hi
+
+
+def _solve(parts, ranks, k, utype):
+    """Exact (t, cuts) from the parts of one model, or None if the bracket missed.
+
+    ranks: the tie-break rank of each part (sorted-name order).
+    """
+    above = sum(p.above for p in parts)
+    inside = sum(len(p.vals) for p in parts)
+    if not above < k <= above + inside:
+        return None
+    vals = np.concatenate([p.vals for p in parts])
+    r = k - above
+    t = np.partition(vals, len(vals) - r)[len(vals) - r]
+    need = k - above - int(np.count_nonzero(vals > t))
+    # Position of every tie in the global order (rank, flat index).
+    tie_rank, tie_idx = [], []
+    for p, rank in zip(parts, ranks):
+        sel = p.idx[p.vals == t]
+        tie_rank.append(np.full(len(sel), rank, np.int64))
+        tie_idx.append(sel.astype(np.int64))
+    tie_rank, tie_idx = np.concatenate(tie_rank), np.concatenate(tie_idx)
+    cuts = [CUT_ALL] * len(parts)
+    if len(tie_idx) > need:
+        order = np.lexsort((tie_idx, tie_rank))
+        last = order[need - 1]
+        for j, rank in enumerate(ranks):
+            if rank < tie_rank[last]:
+                cuts[j] = CUT_ALL
+            elif rank == tie_rank[last]:
+                cuts[j] = np.uint32(tie_idx[last] + 1)
+            else:
+                cuts[j] = np.uint32(0)
+    return utype.type(t), cuts
+
+
+def _solve_full(bits_list, ranks, k, utype):
+    """Exact (t, cuts) from the complete bits of every part."""
+    parts = [_Part(n=len(b), idx=np.arange(len(b), dtype=np.int64), vals=b)
+             for b in bits_list]
+    return _solve(parts, ranks, k, utype)
+
+
+def _trivial(k, n_total, utype):
+    nonebits = np.iinfo(utype).max
+    if k <= 0:
+        return utype.type(nonebits), np.uint32(0)
+    if k >= n_total:
+        return utype.type(0), CUT_ALL
+    return None
+
+
+@dataclasses.dataclass
+class _Job:
+    """The per-tensor search of one leaf, advanced stage by stage."""
+
+    leaf: object
+    ks: list
+    todo: list
+    tbits: np.ndarray
+    cuts: np.ndarray
+    utype: np.dtype
+    pending: object = None  # the device result the next stage waits for
+    parts: dict = None
+
+
+def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
+    """Thresholds trimming each model's tensor on its own, for every leaf.
+
+    The leaves advance through the stages together (sample, bracket + label,
+    gather, solve) so that host work on one leaf overlaps the asynchronously
+    dispatched device passes of the next.
+
+    Args:
+        leaves: float `LeafInputs` with their base arrays set.
+        k_models: K.
+        densities: `[K]` kept fractions.
+        on_ready: optional callback(leaf, tbits, cuts), called as soon as a leaf's
+            thresholds are known (lets the caller start its merge pass while the
+            host still searches the other leaves).
+
+    Returns:
+        dict leaf name -> (tbits `[K]` unsigned, cuts `[K]` uint32) for `ties_kernel`.
+    """
+    on_ready = on_ready or (lambda leaf, tbits, cuts: None)
+    out, jobs = {}, []
+    for leaf in leaves:
+        utype = K.uint_for(K.compute_dtype(leaf.dtype))
+        n = leaf.size
+        ks = [trim_count(d, n) for d in densities]
+        job = _Job(leaf, ks, [], np.zeros(k_models, utype),
+                   np.full(k_models, CUT_ALL, np.uint32), utype)
+        for i, k in enumerate(ks):
+            triv = _trivial(k, n, utype)
+            if triv is None:
+                job.todo.append(i)
+            else:
+                job.tbits[i], job.cuts[i] = triv
+        out[leaf.name] = (job.tbits, job.cuts)
+        if not job.todo:
+            on_ready(leaf, job.tbits, job.cuts)
+        elif n <= EXACT:
+            _solve_job_exact(job)
+            on_ready(leaf, job.tbits, job.cuts)
+        else:
+            pos = _positions(n, SAMPLE)
+            job.pending = K.sample_bits_kernel(leaf.inputs, leaf.base, pos,
+                                               stacked=leaf.xs is None)
+            jobs.append(job)
+    for job in jobs:  # brackets from the samples, then the labelling passes
+        n, sample = job.leaf.size, np.asarray(job.pending)
+        nonebits = np.iinfo(job.utype).max
+        lo = np.zeros(k_models, job.utype)
+        hi = np.full(k_models, nonebits, job.utype)
+        for i in job.todo:
+            q = job.ks[i] / n
+            var = n * n / sample.shape[1] * q * (1 - q)
+            lo[i], hi[i] = _bracket_uniform(sample[i], n / sample.shape[1], job.ks[i], var,
+                                            nonebits)
+        job.pending = _label_dispatch(job.leaf, job.leaf.base, lo, hi, job.todo)
+    for job in jobs:  # counts and positions, then the gathers of inside values
+        job.parts = _label_decode(job.leaf, job.pending)
+        job.pending = _gather_dispatch(job.leaf, job.leaf.base, job.parts, k_models)
+    for job in jobs:
+        _gather_fill(job.parts, job.pending, job.utype)
+        missed = []
+        for i in job.todo:
+            got = _solve([job.parts[i]], [0], job.ks[i], job.utype)
+            if got is None:
+                missed.append(i)
+            else:
+                job.tbits[i], (job.cuts[i],) = got
+        if missed:
+            job.todo = missed
+            _solve_job_exact(job)
+        on_ready(job.leaf, job.tbits, job.cuts)
+    return out
+
+
+def _solve_job_exact(job):
+    """Exact thresholds of job.todo from the leaf's complete magnitude bits."""
+    leaf = job.leaf
+    bits = np.asarray(K.full_bits_kernel(leaf.inputs, leaf.base, stacked=leaf.xs is None))
+    for i in job.todo:
+        job.tbits[i], (job.cuts[i],) = _solve_full([bits[i]], [0], job.ks[i], job.utype)
+
+
+def _label_dispatch(leaf, base, lo, hi, models):
+    """Starts the labelling passes of one leaf: [(group, packed uint8 array)]."""
+    out = []
+    for start in range(0, len(models), 4):
+        group = tuple(int(i) for i in models[start:start + 4])
+        out.append((group, K.code_kernel(leaf.inputs, base, lo, hi, stacked=leaf.xs is None,
+                                         models=group)))
+    return out
+
+
+def _label_decode(leaf, pending) -> dict:
+    """Exact bracket counts: model i -> _Part (count above, flat indices inside)."""
+    parts = {}
+    for group, packed in pending:
+        packed = np.asarray(packed).reshape(-1)
+        m = len(packed) // 8 * 8
+        words, tail = packed[:m].view(np.uint64), packed[m:]
+        inside_any = np.flatnonzero(packed >= 16)
+        sub = packed[inside_any]
+        for g, i in enumerate(group):
+            # Popcount of bit g over 8 labels at a time.
+            above = int(np.bitwise_count(words & np.uint64(0x0101010101010101 << g)).sum())
+            above += int(np.count_nonzero(tail & np.uint8(1 << g)))
+            parts[i] = _Part(n=leaf.size, above=above,
+                             idx=inside_any[(sub & np.uint8(16 << g)) != 0])
+    return parts
+
+
+def _gather_dispatch(leaf, base, parts, k_models):
+    """Starts the gather of every part's inside values (one padded gather)."""
+    if not parts:
+        return None
+    size = _bucket(max(len(p.idx) for p in parts.values()))
+    idx = np.zeros((k_models, size), np.int32)
+    for i, p in parts.items():
+        idx[i, :len(p.idx)] = p.idx
+    return K.gather_bits_kernel(leaf.inputs, base, idx, stacked=leaf.xs is None)
+
+
+def _gather_fill(parts, pending, utype):
+    if pending is None:
+        return
+    vals = np.asarray(pending)
+    for i, p in parts.items():
+        p.vals = vals[i, :len(p.idx)].astype(utype)
+
+
+def whole_model(leaves, k_models: int, densities):
+    """Thresholds trimming each model's task vector over all float leaves jointly.
+
+    Args:
+        leaves: float `LeafInputs` (any order) with their base arrays set, all
+            computed in float32 (16- and 32-bit floats) or all in float64.
+        k_models: K.
+        densities: `[K]` kept fractions.
+
+    Returns:
+        dict leaf name -> (tbits `[K]`, cuts `[K]`).
+    """
+    order = sorted(range(len(leaves)), key=lambda j: leaves[j].name)
+    rank = {j: r for r, j in enumerate(order)}
+    utypes = {K.uint_for(K.compute_dtype(leaves[j].dtype)) for j in order}
+    if len(utypes) > 1:
+        raise ValueError(
+            "whole-model TIES trimming compares magnitudes across leaves, so it needs all "
+            "float leaves in float32-or-narrower or all in float64; got "
+            f"{sorted({str(leaves[j].dtype) for j in order})}")
+    utype = utypes.pop()
+    nonebits = np.iinfo(utype).max
+    n_total = sum(leaves[j].size for j in order)
+    ks = [trim_count(d, n_total) for d in densities]
+    tbits = np.zeros(k_models, utype)
+    cuts = {j: np.full(k_models, CUT_ALL, np.uint32) for j in order}
+    todo = []
+    for i, k in enumerate(ks):
+        triv = _trivial(k, n_total, utype)
+        if triv is None:
+            todo.append(i)
+        else:
+            tbits[i] = triv[0]
+            for j in order:
+                cuts[j][i] = triv[1]
+    if todo:
+        _whole_model_search(leaves, order, rank, ks, todo, tbits, cuts, utype, nonebits,
+                            k_models)
+    return {leaves[j].name: (tbits.copy(), cuts[j]) for j in order}
+
+
+def _whole_model_search(leaves, order, rank, ks, todo, tbits, cuts, utype, nonebits,
+                        k_models):
+    n_total = sum(leaves[j].size for j in order)
+    # Pass 1: samples of big leaves, complete bits of small ones.
+    big = {j for j in order if leaves[j].size > 4096}
+    n_big = sum(leaves[j].size for j in big)
+    samples, weights, var_unit = {}, {}, 0.0
+    for j in order:
+        leaf, stacked = leaves[j], leaves[j].xs is None
+        if j in big:
+            s = max(256, int(SAMPLE_TOTAL * leaf.size / n_big))
+            pos = _positions(leaf.size, min(s, leaf.size))
+            bits = K.sample_bits_kernel(leaf.inputs, leaf.base, pos, stacked=stacked)
+            weights[j] = np.full(len(pos), leaf.size / len(pos))
+            var_unit += leaf.size * leaf.size / len(pos)
+        else:
+            bits = K.full_bits_kernel(leaf.inputs, leaf.base, stacked=stacked)
+            weights[j] = np.ones(leaf.size)
+        samples[j] = np.asarray(bits)
+    lo = np.zeros(k_models, utype)
+    hi = np.full(k_models, nonebits, utype)
+    wgt = np.concatenate([weights[j] for j in order])
+    for i in todo:
+        q = ks[i] / n_total
+        vals = np.concatenate([samples[j][i] for j in order])
+        lo[i], hi[i] = _bracket(vals, wgt, ks[i], var_unit * q * (1 - q), nonebits)
+    # Pass 2: labels (device passes for big leaves, dispatched together so host
+    # decoding overlaps them; host labelling for small ones).
+    labels = {j: _label_dispatch(leaves[j], leaves[j].base, lo, hi, todo) for j in order
+              if j in big}
+    leaf_parts, gathers = {}, {}
+    for j in order:
+        leaf = leaves[j]
+        if j in big:
+            leaf_parts[j] = _label_decode(leaf, labels.pop(j))
+            gathers[j] = _gather_dispatch(leaf, leaf.base, leaf_parts[j], k_models)
+        else:
+            leaf_parts[j] = {}
+            for i in todo:
+                b = samples[j][i]
+                idx = np.flatnonzero((b >= lo[i]) & (b <= hi[i]))
+                leaf_parts[j][i] = _Part(n=leaf.size, above=int(np.count_nonzero(b > hi[i])),
+                                         idx=idx, vals=b[idx])
+    for j, pending in gathers.items():
+        _gather_fill(leaf_parts[j], pending, utype)
+    parts = {i: [leaf_parts[j][i] for j in order] for i in todo}
+    ranks = [rank[j] for j in order]
+    for i in todo:
+        got = _solve(parts[i], ranks, ks[i], utype)
+        if got is None:
+            bits_list = []
+            for j in order:
+                leaf = leaves[j]
+                full = K.full_bits_kernel(leaf.inputs, leaf.base, stacked=leaf.xs is None)
+                bits_list.append(np.asarray(full[i]))
+            got = _solve_full(bits_list, ranks, ks[i], utype)
+        tbits[i] = got[0]
+        for j, cut in zip(order, got[1]):
+            cuts[j][i] = cut
