@@ -35,7 +35,7 @@ def _run(replica_axis, data_axis):
     opt = jax.device_put(replicas.init_opt_state(tx, params), st)
     step = replicas.make_train_step(graphdef, tx, st, bt)
     losses = []
-    with mesh:
+    with jax.set_mesh(mesh):
         for batch in _batches(3):
             params, opt, m = step(params, opt, jax.device_put(batch, bt))
             losses.append(np.asarray(m["loss"]))
