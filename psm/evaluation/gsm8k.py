@@ -22,6 +22,8 @@ import fractions
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
+from psm.evaluation import scoring
+
 # A number as written in GSM8K text: an optional sign (ASCII hyphen or Unicode
 # minus) written right against it, an optional currency sign, digits with
 # optional thousands separators, an optional decimal part and an optional
@@ -155,47 +157,11 @@ def score(prediction: str, reference: str) -> dict:
 
 
 def aggregate(results: Iterable[Mapping]) -> dict:
-    """Accuracy over per-example results (dicts with a boolean ``correct``).
-
-    Returns:
-      ``{"accuracy": float, "correct": int, "total": int}``; accuracy is 0.0
-      for an empty input.
-    """
-    total = correct = 0
-    for i, result in enumerate(results):
-        if "correct" not in result:
-            raise ValueError(f"gsm8k.aggregate: result {i} has no 'correct' key: {result!r}")
-        total += 1
-        correct += bool(result["correct"])
-    return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
+    """Accuracy over per-example results: ``{"accuracy", "correct", "total"}``."""
+    return scoring.aggregate(results, "gsm8k")
 
 
 def evaluate(predictions: Sequence[str], references: Sequence[str],
              ids: Optional[Sequence] = None) -> dict:
-    """Scores a list of outputs.
-
-    Args:
-      predictions: ``[N]`` generated texts.
-      references: ``[N]`` references, as accepted by `score`.
-      ids: optional ``[N]`` example ids (default: 0..N-1).
-
-    Returns:
-      ``{"accuracy", "correct", "total", "per_example"}`` where each record is
-      ``{"id", "prediction", "extracted", "reference", "correct"}``.
-    """
-    if len(predictions) != len(references):
-        raise ValueError(f"gsm8k.evaluate: {len(predictions)} predictions but "
-                         f"{len(references)} references")
-    if ids is None:
-        ids = range(len(predictions))
-    elif len(ids) != len(predictions):
-        raise ValueError(f"gsm8k.evaluate: {len(ids)} ids for {len(predictions)} predictions")
-    records = []
-    for key, prediction, reference in zip(ids, predictions, references):
-        try:
-            result = score(prediction, reference)
-        except ValueError as e:
-            raise ValueError(f"gsm8k.evaluate: example id={key!r}: {e}") from None
-        records.append({"id": key.item() if hasattr(key, "item") else key,
-                        "prediction": prediction, **result})
-    return {**aggregate(records), "per_example": records}
+    """Scores ``[N]`` outputs against ``[N]`` references (see `scoring.evaluate`)."""
+    return scoring.evaluate(score, "gsm8k", predictions, references, ids)
