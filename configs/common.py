@@ -74,6 +74,10 @@ def base() -> config_dict.ConfigDict:
     c.merge.resample = 3  # n extra draws for select_resample
     c.merge.seed = 0
 
+    c.export = config_dict.ConfigDict()  # merged models written as HF folders in export/
+    c.export.hf = ("select_resample",)  # names from merge.methods; () = none
+    c.export.dtype = ""  # on-disk dtype ('' = the model's parameter dtype)
+
     c.eval = config_dict.ConfigDict()
     c.eval.batch_size = 64
     c.eval.num_bins = 20

@@ -59,6 +59,7 @@ def get_config(arg: str | None = None):
     c.train.log_every = 25
     c.train.eval_every = 50
     c.checkpoint.every_steps = 50
+    c.export.hf = ("average",)  # a transformers-loadable folder of one merged model
 
     if arg == "test":
         c.task.num_train, c.task.num_validation, c.task.num_test = 96, 32, 16

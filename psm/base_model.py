@@ -28,8 +28,15 @@ _ARCH_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "nu
 
 
 def model_spec(model_cfg) -> dict:
-    """The `psm.models.registry` spec of config.model (kind, path, dtype overrides)."""
-    spec = {"kind": model_cfg.kind}
+    """The `psm.models.registry` spec of config.model (kind, path, dtype overrides).
+
+    A `path` given with the default kind 'smollm2' names another model: a
+    folder is read as a Hugging Face checkpoint, a `.gguf` file as GGUF.
+    """
+    kind = model_cfg.kind
+    if kind == "smollm2" and model_cfg.get("path"):
+        kind = "gguf" if model_cfg.path.endswith(".gguf") else "hf"
+    spec = {"kind": kind}
     if model_cfg.get("path"):
         spec["path"] = model_cfg.path
     for key in _SPEC_OVERRIDES:
@@ -54,7 +61,7 @@ def tokenizer_of(model_cfg) -> Tokenizer:
 
 
 def load_base(config, workdir: str, task_tokenizer=None):
-    """Returns `(graphdef, base params, model tokenizer or None)`.
+    """Returns `(graphdef, base params, model tokenizer or None, LlamaConfig)`.
 
     Args:
       task_tokenizer: the task's own tokenizer (synthetic tasks), used by 'pretrain'.
@@ -66,14 +73,15 @@ def load_base(config, workdir: str, task_tokenizer=None):
         model_cfg, params, tokenizer = registry.load_pretrained(model_spec(config.model))
         log.info("loaded %s: %s", config.model.kind, model_cfg)
         graphdef, _ = llama.abstract_model(model_cfg)
-        return graphdef, params, tokenizer
+        return graphdef, params, tokenizer, model_cfg
     if init == "random":
         tokenizer = tokenizer_of(config.model)
-        graphdef, params = init_params(_arch(config, tokenizer.vocab_size), config.seed)
-        return graphdef, params, tokenizer
+        model_cfg = _arch(config, tokenizer.vocab_size)
+        graphdef, params = init_params(model_cfg, config.seed)
+        return graphdef, params, tokenizer, model_cfg
     cfg = _arch(config, task_tokenizer.vocab_size)
     graphdef, params = pretrain_base(config, workdir, cfg, task_tokenizer)
-    return graphdef, params, None
+    return graphdef, params, None, cfg
 
 
 def _arch(config, vocab_size: int) -> llama.LlamaConfig:

@@ -62,7 +62,7 @@ def load_models(config, path: str, *, merge: str | None = None, replica: int | N
     kind = _kind(path)
     if kind == "hf":
         cfg = dict(config.model.to_dict(), kind="hf", path=path, init="pretrained")
-        graphdef, params, tokenizer = base_model.load_base(_with_model(config, cfg), "")
+        graphdef, params, tokenizer, _ = base_model.load_base(_with_model(config, cfg), "")
         return graphdef, lm.stack_models([params]), [os.path.basename(path.rstrip("/"))], \
             tokenizer
     # The config builds the model's structure; weights then come from the checkpoint.
@@ -72,7 +72,7 @@ def load_models(config, path: str, *, merge: str | None = None, replica: int | N
         graphdef, like = base_model.llama.abstract_model(cfg)
         tokenizer = None
     else:
-        graphdef, like, tokenizer = base_model.load_base(config, "")
+        graphdef, like, tokenizer, _ = base_model.load_base(config, "")
     if kind == "orbax":
         return graphdef, lm.stack_models([checkpoint.restore_tree(path, like)]), ["model"], \
             tokenizer

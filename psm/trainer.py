@@ -22,6 +22,7 @@ from psm import base_model, checkpoint, imbalance, merge, replicas, report, shar
 from psm import workdir as wd
 from psm.data import orders, paper_tasks, tasks
 from psm.evaluation import lm, runner
+from psm.models import hf_llama
 from psm.metrics import MetricWriter, read_metrics
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ def validate_config(config) -> None:
     if unknown:
         raise ValueError(f"config.merge.methods has unknown methods {unknown}; "
                          f"known: {list(MERGE_METHODS)}")
+    not_merged = [m for m in config.export.hf if m not in config.merge.methods]
+    if not_merged:
+        raise ValueError(f"config.export.hf names {not_merged}, which config.merge.methods "
+                         f"{tuple(config.merge.methods)} does not produce")
     if config.model.init not in base_model.INITS:
         raise ValueError(f"config.model.init={config.model.init!r}; expected one of "
                          f"{list(base_model.INITS)}")
@@ -108,9 +113,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ------------------------------------------------- base model, task, data
     if config.model.init == "pretrain":
         task = tasks.get_task(config.task)
-        graphdef, base, _ = base_model.load_base(config, workdir, task.tokenizer)
+        graphdef, base, tokenizer, model_cfg = base_model.load_base(config, workdir,
+                                                                     task.tokenizer)
     else:
-        graphdef, base, tokenizer = base_model.load_base(config, workdir)
+        graphdef, base, tokenizer, model_cfg = base_model.load_base(config, workdir)
         task = paper_tasks.paper_task(config.task, tokenizer)
     train_arrays, train_stats = _encode_split(task, "train", config.task.max_len)
     val_arrays, val_stats = _encode_split(task, "validation", config.task.max_len)
@@ -194,6 +200,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     merged = merge_models(config, params_k, base)
     merged = jax.block_until_ready(merged)
     merge_seconds = time.time() - t_merge
+    exported = _export_hf(config, workdir, model_cfg, merged, tokenizer)
 
     # --------------------------------------------------------------- evaluate
     names = [f"replica {i}" for i in range(k)] + list(merged)
@@ -234,10 +241,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "seconds": {"train": train_seconds, "merge": merge_seconds,
                     "total": time.time() - t_start},
         "plots": [os.path.relpath(p, workdir) for p in plots],
+        "exported": exported,
     }
     wd.write_json(workdir, "results.json", results)
     print(report.format_table(results, k))
     return results
+
+
+def _export_hf(config, workdir: str, model_cfg, merged: dict, tokenizer) -> dict:
+    """Writes the merged models named in config.export.hf as HF folders under export/.
+
+    Returns:
+      merged-model name -> folder (relative to the workdir).
+    """
+    out = {}
+    for method in config.export.hf:
+        name = f"select_resample{config.merge.resample}" if method == "select_resample" \
+            else method
+        folder = os.path.join(workdir, "export", name)
+        hf_llama.save_hf_llama(folder, model_cfg, merged[name], tokenizer=tokenizer,
+                               dtype=config.export.dtype or None)
+        out[name] = os.path.relpath(folder, workdir)
+        log.info("exported merged model %s to %s", name, folder)
+    return out
 
 
 def _eval_during_training(writer, step, eval_step, params_k, val_arrays, config):

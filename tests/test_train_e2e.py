@@ -209,3 +209,23 @@ def test_evaluate_command_reproduces_the_trainers_scores(finished_run, tmp_path,
     rows = written["per_example"][names[0]]
     assert len(rows) == _config().task.num_test
     assert set(rows[0]) == {"id", "prediction", "extracted", "correct"}
+
+
+def test_merged_model_is_exported_in_hf_format(finished_run):
+    workdir, results = finished_run
+    folder = os.path.join(workdir, results["exported"]["average"])
+    assert os.path.exists(os.path.join(folder, "config.json"))
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from flax import nnx
+
+    from psm.models import hf_llama, llama
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    cfg, params = hf_llama.load_hf_llama(folder)
+    tokens = np.arange(1, 17, dtype=np.int64)[None] % cfg.vocab_size
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens)).logits.numpy()
+    graphdef, _ = llama.abstract_model(cfg)
+    ours = np.asarray(nnx.merge(graphdef, params)(tokens.astype(np.int32)))
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
