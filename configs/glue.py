@@ -19,8 +19,8 @@ def get_config(arg=None):
                          f"{list(TASKS)} and 'smoke'")
     c = common.base()
     c.task.name = next((p for p in parts if p in TASKS), "sst2")
-    c.task.max_len = 160
-    c.task.prompt_len = 144
+    c.task.max_len = 320  # RTE passages are long
+    c.task.prompt_len = 304
     c.task.max_new_tokens = 4
     c.task.num_train = 8000
     if "smoke" in parts:

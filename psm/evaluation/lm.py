@@ -7,10 +7,14 @@ vmapped program over all of them.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 from psm.data import tasks
 from psm.models import decode
@@ -49,6 +53,13 @@ def generate_texts(graphdef, params_m, tokenizer, prompts: list[str], *, batch_s
     """
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     ids = [bos + tokenizer.encode(p) for p in prompts]
+    too_long = sum(len(i) > prompt_len for i in ids)
+    if too_long:
+        # Keep each prompt's end (the question and the answer cue), and say so.
+        log.warning("%s: %d of %d prompts exceed the prompt length %d and lose their start; "
+                    "raise config.task.prompt_len to keep them whole", desc, too_long,
+                    len(ids), prompt_len)
+        ids = [i[-prompt_len:] for i in ids]
     gen = jax.vmap(
         lambda st, t, s: decode.generate_tokens(
             graphdef, st, t, s, jax.random.key(0), max_new_tokens=max_new_tokens,
