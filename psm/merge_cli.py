@@ -1,13 +1,13 @@
-"""Command line of the streaming merge: `python -m psm.merge_cli --models=a,b --method=...`.
+"""Command line of the streaming merge: `python -m psm.merge --models=a,b --method=...`.
 
 Merges checkpoints on disk tensor by tensor (`psm.merge_stream`), so models
 larger than memory can be merged:
 
-    python -m psm.merge_cli --models=ft1,ft2,ft3 --base=base --method=select \\
+    python -m psm.merge --models=ft1,ft2,ft3 --base=base --method=select \\
         --resample=3 --seed=0 --out=merged
-    python -m psm.merge_cli --models=ft1,ft2 --base=base --method=ties --density=0.2 \\
+    python -m psm.merge --models=ft1,ft2 --base=base --method=ties --density=0.2 \\
         --out=merged --dtype=bfloat16 --shard-size=2GB
-    python -m psm.merge_cli --models=runs/alpaca --method=average --out=merged   # K replicas
+    python -m psm.merge --models=runs/alpaca --method=average --out=merged   # K replicas
 
 Every flag can also come from an ml_collections config file, `--config=merge.py`
 (a Python file whose `get_config()` returns a ConfigDict with the same names,
@@ -52,7 +52,7 @@ def _bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m psm.merge_cli",
+        prog="python -m psm.merge",
         description="Merge checkpoints larger than memory, tensor by tensor.")
     add = p.add_argument
     add("--config", help="ml_collections config file (.py with get_config()); flags override it")
