@@ -3,11 +3,24 @@
 Builds K models (K separate trees, as a trainer that saved K replicas would hold
 them) of `--params` float32 parameters in `--leaves` leaves plus a base, and
 times every merge method. For each method it prints the achieved bandwidth
-(bytes of inputs read + output written, per second), that bandwidth as a share
-of a numpy copy moving the same number of bytes (read + write; `np.copyto` into
-preallocated arrays) measured in the same run, the time relative to `average`,
-each call's peak memory above the memory before it (to show merging never
-stacks the K trees into a `[K, ...]` copy), and the target share.
+(bytes of inputs read + output written, per second) and that bandwidth as a
+share of two numpy copies moving the same number of bytes (read + write),
+measured interleaved with the method in every round:
+
+- `np.copyto` into preallocated, already-touched arrays: pure memory bandwidth,
+  the strictest baseline (a merge must produce a fresh output, this copy does
+  not); the `ok` verdict uses it;
+- an allocating `x.copy()`: produces fresh output like a merge does, so it pays
+  the same first-touch cost (page faults) for its result.
+
+It also prints the time relative to `average`, the minor page faults per call,
+each call's peak memory above the memory before it (merging never stacks the K
+trees into a `[K, ...]` copy), and the target share.
+
+By default every result (each merge, each allocating copy) gets fresh pages from
+the OS, as a one-off merge does; `--reuse-pages` keeps glibc's default, under
+which a result may reuse pages that an earlier call freed (cheaper, but which
+calls get them depends on the order of the calls).
 
     python benchmarks/bench_merge.py                 # K = 4 x 50M params, 16 leaves
     python benchmarks/bench_merge.py --params=5e6    # quick smoke run
@@ -17,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import os
 import resource
 import sys
@@ -42,12 +56,47 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / _MB
 
 
+def _hwm_mb() -> float:
+    """Peak RSS since the last `_reset_peak_rss` (VmHWM, which clear_refs resets;
+    getrusage's ru_maxrss is a lifetime peak that it does not reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _settle() -> None:
+    """Lets JAX release host buffers of dropped arrays now (it defers that to the
+    next operation or garbage collection), so the memory freed by one call is
+    not returned during the next measurement."""
+    gc.collect()
+    jax.block_until_ready(jax.device_put(np.zeros(1, np.float32)))
+
+
 def _malloc_trim() -> None:
     """Returns freed heap memory to the OS (glibc), where available."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _fresh_pages_for_large_allocations() -> bool:
+    """Makes glibc serve every allocation of 1 MiB or more with its own mmap, so a
+    freed result's pages go back to the OS and the next result gets fresh pages.
+
+    Without this, whether a merge (or the allocating copy) reuses pages freed by
+    the previous call depends on glibc's dynamic mmap threshold and on the order
+    of the calls; reused pages skip the first-touch cost (page faults and
+    zeroing, the dominant extra cost of a fresh result on this kind of machine),
+    so the methods would be compared under different conditions. Fresh pages
+    for everyone is the case of a one-off merge. False where unsupported.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def _reset_peak_rss() -> bool:
@@ -99,15 +148,34 @@ def _copy_sources(leaves, nbytes: int) -> list:
     return out
 
 
-def _copy_time(sources, dests) -> float:
-    """Seconds of np.copyto of every source into preallocated arrays (best of two)."""
-    best = np.inf
-    for _ in range(2):
-        t0 = time.perf_counter()
-        for src, dst in zip(sources, dests):
-            np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(fn):
+    """(seconds, minor page faults) of one call of fn, results ready."""
+    f0 = _faults()
+    t0 = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    t = time.perf_counter() - t0
+    del out
+    return t, _faults() - f0
+
+
+def _round(cases, sources, dests, samples) -> None:
+    """One timing round: for each case the preallocated copy, the allocating copy
+    and the method."""
+    for name, fn, _, _ in cases:
+        src, rec = sources[name], samples[name]
+        _settle()  # the previous result's pages are released here, not in a timing
+        rec["copyto"].append(_timed(lambda: [np.copyto(d, x) for d, x in zip(dests, src)])[0])
+        t, f = _timed(lambda: [x.copy() for x in src])
+        rec["alloc"].append(t)
+        rec["afaults"].append(f)
+        t, f = _timed(fn)
+        rec["method"].append(t)
+        rec["faults"].append(f)
 
 
 def main():
@@ -115,10 +183,15 @@ def main():
     ap.add_argument("--params", type=float, default=5e7, help="parameters per model")
     ap.add_argument("--leaves", type=int, default=16)
     ap.add_argument("--k", type=int, default=4, help="number of models")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     ap.add_argument("--unchanged", type=float, default=0.3,
                     help="fraction of each task vector that is exactly 0")
+    ap.add_argument("--reuse-pages", action="store_true",
+                    help="keep glibc's default allocation (results may reuse pages freed "
+                         "by earlier calls, as in a long-running process) instead of fresh "
+                         "pages for every result")
     args = ap.parse_args()
+    fresh = not args.reuse_pages and _fresh_pages_for_large_allocations()
     k, key = args.k, jax.random.key(1)
     base, models = _make_models(int(args.params), args.leaves, k, args.unchanged)
     model_bytes = sum(x.nbytes for x in base.values())
@@ -147,6 +220,7 @@ def main():
         jax.block_until_ready(fn())  # compile + warm up
     extra = {}
     for name, fn, _, _ in cases:
+        _settle()
         _malloc_trim()  # give freed heap back, so reuse of it does not hide usage
         before = _current_rss_mb()
         if not _reset_peak_rss():
@@ -155,43 +229,69 @@ def main():
         out = fn()
         jax.block_until_ready(out)
         del out
-        extra[name] = _rss_mb() - before
-    # Time: rounds interleave every method with copies of the same bytes; the
-    # minimum over rounds filters out interference from other processes.
+        extra[name] = _hwm_mb() - before
+    # Time: every round runs, for each method, the preallocated copy, the
+    # allocating copy and the method, so all three see the same machine state;
+    # the medians over rounds are reported. Every call that produces a result
+    # (the allocating copy, every merge) gets fresh pages, as a one-off merge
+    # does (see _fresh_pages_for_large_allocations).
     host_leaves = [np.asarray(x) for x in base.values()]
-    best = {name: [np.inf, np.inf] for name, *_ in cases}
-    for _ in range(args.repeats):
-        for name, fn, n_in, _ in cases:
-            sources = _copy_sources(host_leaves, (n_in + 1) * model_bytes)
-            dests = [np.empty_like(x) for x in sources]
-            t_copy = _copy_time(sources, dests)
-            del dests
-            t = _time_once(fn)
-            best[name] = [min(best[name][0], t), min(best[name][1], t_copy)]
-    t_avg = best["average"][0]
-    print(f"{'method':<21}{'time s':>8}{'GB/s':>7}{'copy GB/s':>10}{'% copy':>8}"
-          f"{'x avg':>7}{'+MB':>6}{'target':>8}  ok")
+    samples = {name: {"method": [], "copyto": [], "alloc": [], "faults": [], "afaults": []}
+               for name, *_ in cases}
+    sources = {name: _copy_sources(host_leaves, (n_in + 1) * model_bytes)
+               for name, _, n_in, _ in cases}
+    longest = max(sources.values(), key=len)
+    dests = [np.ones_like(x) for x in longest]  # preallocated and touched once
+    load_before = os.getloadavg()
+    # Methods with a target form one set of interleaved rounds and the extra
+    # variants another, so that a variant's memory churn (e.g. the `[2, K, ...]`
+    # L1 buffers of DARE l1, which fragment memory and make the next huge-page
+    # faults compact memory) does not land on the first target method of a round.
+    groups = [[c for c in cases if c[3] is not None], [c for c in cases if c[3] is None]]
+    for group in groups:
+        for _ in range(args.repeats):
+            _round(group, sources, dests, samples)
+    med = {name: {k: float(np.median(v)) for k, v in rec.items()} for name, rec in samples.items()}
+    t_avg = med["average"]["method"]
+    print(f"load average before timing: {' '.join(f'{x:.2f}' for x in load_before)}; after: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    print(f"{'method':<21}{'time s':>8}{'GB/s':>7}{'copyto':>8}{'%':>5}{'alloc':>7}{'%':>6}"
+          f"{'x avg':>7}{'faults':>8}{'+MB':>6}{'target':>8}  ok (copyto / alloc)")
     for name, _, n_in, target in cases:
-        t, t_copy = best[name]
+        m = med[name]
         nbytes = (n_in + 1) * model_bytes
-        bw, bw_copy = nbytes / t, nbytes / t_copy
-        share = bw / bw_copy
+        bw = nbytes / m["method"]
+        bw_copyto, bw_alloc = nbytes / m["copyto"], nbytes / m["alloc"]
+        share, share_alloc = bw / bw_copyto, bw / bw_alloc
         tgt = f">={100 * target:.0f}%" if target else "-"
-        ok = "-" if target is None else ("yes" if share >= target else "NO")
+        if target is None:
+            ok = "-"
+        else:
+            ok = (f"{'yes' if share >= target else 'NO'} / "
+                  f"{'yes' if share_alloc >= target else 'NO'}")
         if name == "select resample=3":
-            ok += (" / yes" if t / t_avg <= 1.2 else " / NO") + " (<= 1.2x avg)"
-        print(f"{name:<21}{t:>8.4f}{bw / 1e9:>7.2f}{bw_copy / 1e9:>10.2f}{100 * share:>7.0f}%"
-              f"{t / t_avg:>7.2f}{extra[name]:>6.0f}{tgt:>8}  {ok}")
-    print("GB/s = (bytes of inputs read + output written) / time; copy = np.copyto of the "
-          "same number of bytes\n(read + write) into preallocated arrays, measured "
-          "interleaved with each method; best of --repeats rounds.\n"
-          "+MB = peak RSS of one call above the RSS before it (the merged model is "
-          f"{model_bytes / _MB:.0f} MB).")
+            ok += f"; {'yes' if m['method'] / t_avg <= 1.2 else 'NO'} (<= 1.2x avg)"
+        print(f"{name:<21}{m['method']:>8.4f}{bw / 1e9:>7.2f}{bw_copyto / 1e9:>8.2f}"
+              f"{100 * share:>4.0f}%{bw_alloc / 1e9:>7.2f}{100 * share_alloc:>5.0f}%"
+              f"{m['method'] / t_avg:>7.2f}{m['faults']:>8.0f}{extra[name]:>6.0f}{tgt:>8}  {ok}")
+    afaults = float(np.median([v for rec in samples.values() for v in rec["afaults"]]))
+    print(f"Medians of {args.repeats} interleaved rounds. GB/s = (bytes of inputs read + "
+          "output written) / time.")
+    print("copyto GB/s: np.copyto of the same number of bytes (read + write) into "
+          "preallocated, touched arrays\n(no page faults); the % next to it decides 'ok'. "
+          "alloc GB/s: x.copy() of the same bytes, a fresh\nresult like a merge's (median "
+          f"{afaults:.0f} page faults per copy; numpy advises huge pages for large arrays).\n"
+          + ("Allocations >= 1 MiB are mmap'd (mallopt), so every result gets fresh pages, as "
+             "in a one-off merge." if fresh else "Default allocation: results may reuse pages "
+             "freed by earlier calls (see faults)."))
+    print("faults = minor page faults per merge call. +MB = peak RSS of one call above the "
+          f"RSS before it (the merged\nmodel is {model_bytes / _MB:.0f} MB).")
     print(f"model size {model_bytes / _MB:.0f} MB; inputs (K models + base) "
           f"{(k + 1) * model_bytes / _MB:.0f} MB; a stacked [K, ...] copy of the models "
           f"would add {k * model_bytes / _MB:.0f} MB")
     print(f"process peak RSS: {rss_inputs:.0f} MB after building the inputs, "
           f"{_rss_mb():.0f} MB at the end (includes the copy benchmark's buffers)")
+
 
 if __name__ == "__main__":
     main()

@@ -48,7 +48,6 @@ Methods (names accepted by `merge`; tau_i = theta_i - base):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any, Callable, Sequence
 
@@ -56,8 +55,10 @@ import jax
 import numpy as np
 
 from psm import _merge_kernels as K
+from psm import _merge_stage
 from psm import _merge_trim
 from psm import _merge_tree
+from psm._merge_stage import x64_if_needed as _x64_if_needed
 from psm._merge_tree import leaf_name
 
 __all__ = [
@@ -201,16 +202,6 @@ def _count(value, what: str) -> int:
 
 # ---- the leaf loop ---------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _x64_if_needed(dtype):
-    """float64 leaves (numpy) need jax's 64-bit mode for the duration of their kernel."""
-    if np.dtype(dtype).itemsize == 8 and not jax.config.jax_enable_x64:
-        with jax.enable_x64(True):
-            yield
-    else:
-        yield
-
-
 def _prepare(models, base=None, *, need_base: bool = False) -> _merge_tree.Prepared:
     """Flattens and checks the inputs, including that non-float leaves agree."""
     prep = _merge_tree.prepare(models, base, need_base=need_base)
@@ -220,24 +211,35 @@ def _prepare(models, base=None, *, need_base: bool = False) -> _merge_tree.Prepa
 
 
 def _run(prep: _merge_tree.Prepared, leaf_fn: Callable, *, allow_nonfinite: bool,
-         check_base: bool):
-    """Merges every float leaf with leaf_fn(leaf) and assembles the output tree."""
+         check_base: bool, stager: _merge_stage.Stager | None = None):
+    """Merges every float leaf and assembles the output tree.
+
+    leaf_fn(leaf, stager) either returns the merged leaf (a whole-leaf kernel
+    call, dispatched asynchronously) or queues it on the stager and returns the
+    `_merge_stage.Job` (merged by the stager's worker thread meanwhile).
+    """
     outs: list[Any] = [None] * len(prep.leaves)
     for j, value in prep.fixed.items():
         outs[j] = value
-    for j, leaf in enumerate(prep.leaves):
-        if leaf.is_float:
-            with _x64_if_needed(leaf.dtype):
-                outs[j] = leaf_fn(leaf)
+    with _merge_stage.Stager() if stager is None else stager as stager:
+        for j, leaf in enumerate(prep.leaves):
+            if leaf.is_float:
+                with _x64_if_needed(leaf.dtype):
+                    outs[j] = leaf_fn(leaf, stager)
     for j, leaf in enumerate(prep.leaves):
         if not leaf.is_float:
             continue
-        if not allow_nonfinite and not _merge_tree.all_finite(outs[j]):
+        out = outs[j]
+        if isinstance(out, _merge_stage.Job):
+            ok, out = out.finite, out.result()
+        else:
+            ok = allow_nonfinite or _merge_tree.all_finite(out)
+        if not allow_nonfinite and not ok:
             err = _merge_tree.nonfinite_error(leaf, prep.k, check_base)
             if err is not None:
                 raise err
             # Finite inputs, non-finite result: an overflow of the arithmetic itself.
-        outs[j] = _merge_tree.finish_leaf(leaf, outs[j])
+        outs[j] = _merge_tree.finish_leaf(leaf, out)
     return prep.unflatten(outs)
 
 
@@ -269,7 +271,9 @@ def average(models, weights=None, *, allow_nonfinite: bool = False):
     prep = _prepare(models)
     w = _probs(weights, prep.k, "weights")
 
-    def leaf_fn(leaf):
+    def leaf_fn(leaf, stager):
+        if _merge_stage.accepts(leaf):
+            return stager.add(leaf, "average", (_cast(w, leaf),), check=not allow_nonfinite)
         return K.average_kernel(leaf.inputs, _cast(w, leaf), stacked=_stacked(leaf),
                                 out_sharding=leaf.out_sharding)
 
@@ -332,8 +336,18 @@ def select(models, *, key, base=None, probs=None, resample: int = 0,
         if offset + leaf.size > 2**32:
             raise ValueError(f"leaf '{leaf.name}': offset + size exceeds 2^32")
 
-    def leaf_fn(leaf):
+    def leaf_fn(leaf, stager):
         seeds = K.leaf_seeds(key, _merge_tree.name_words(leaf.name), n=1)
+        poison = not allow_nonfinite
+        if _merge_stage.accepts(leaf):
+            if n == 0:
+                return stager.add(leaf, "select", (seeds, thresholds),
+                                  (("last", last), ("poison", poison)), offset=offset,
+                                  check=poison)
+            return stager.add(
+                leaf, "resample", (seeds, p.astype(np.float32), _cast(tolerance or 0.0, leaf)),
+                (("n", n), ("use_tol", tolerance is not None), ("poison", poison)),
+                base=leaf.base, offset=offset, check=poison)
         if n == 0:
             return K.select_kernel(
                 leaf.inputs, seeds, np.uint32(offset), thresholds,
@@ -369,7 +383,10 @@ def task_arithmetic(models, base, scale: float = 1.0, weights=None, *,
     w = np.ones(prep.k) if weights is None else _vector(weights, prep.k, "weights")
     scale = _scalar(scale, "scale")
 
-    def leaf_fn(leaf):
+    def leaf_fn(leaf, stager):
+        if _merge_stage.accepts(leaf):
+            return stager.add(leaf, "task_arithmetic", (_cast(w, leaf), _cast(scale, leaf)),
+                              base=leaf.base, check=not allow_nonfinite)
         return K.task_arithmetic_kernel(
             leaf.inputs, leaf.base, _cast(w, leaf), _cast(scale, leaf),
             stacked=_stacked(leaf), out_sharding=leaf.out_sharding)
@@ -421,35 +438,46 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
             raise ValueError(f"leaf '{leaf.name}' has {leaf.size} elements; TIES supports "
                              "tensors below 2^31 elements")
 
-    def kernel(leaf, tbits, cuts):
+    poison = not allow_nonfinite
+
+    def kernel(leaf, tbits, cuts, stager):
+        if _merge_stage.accepts(leaf):
+            return stager.add(
+                leaf, "ties", (tbits, cuts, _cast(w, leaf), _cast(scale, leaf)),
+                (("normalize", bool(normalize)), ("poison", poison)), base=leaf.base,
+                check=poison)
         return K.ties_kernel(
             leaf.inputs, leaf.base, tbits, cuts, _cast(w, leaf), _cast(scale, leaf),
             stacked=_stacked(leaf), normalize=bool(normalize),
-            out_sharding=leaf.out_sharding, poison=not allow_nonfinite)
+            out_sharding=leaf.out_sharding, poison=poison)
 
     # Thresholds for all leaves (a pipeline over leaves); each leaf's merge pass
-    # is dispatched as soon as its thresholds are known.
-    merged = {}
+    # is dispatched (or queued on the stager) as soon as its thresholds are known.
+    merged, stager = {}, _merge_stage.Stager()
 
     def on_ready(leaf, tbits, cuts):
         with _x64_if_needed(leaf.dtype):
-            merged[leaf.name] = kernel(leaf, tbits, cuts)
+            merged[leaf.name] = kernel(leaf, tbits, cuts, stager)
 
     widest = max((leaf.dtype for leaf in floats), key=lambda d: d.itemsize,
                  default=np.dtype(np.float32))
-    if trim == "model" and floats:
+    try:
         with _x64_if_needed(widest):
-            thresholds = _merge_trim.whole_model(floats, prep.k, dens)
-    else:
-        with _x64_if_needed(widest):
-            _merge_trim.per_tensor(floats, prep.k, dens, on_ready=on_ready)
+            if trim == "model" and floats:
+                thresholds = _merge_trim.whole_model(floats, prep.k, dens)
+            else:
+                _merge_trim.per_tensor(floats, prep.k, dens, on_ready=on_ready)
+    except BaseException:
+        stager.close()
+        raise
 
-    def leaf_fn(leaf):
+    def leaf_fn(leaf, stager):
         if leaf.name in merged:
             return merged.pop(leaf.name)
-        return kernel(leaf, *thresholds[leaf.name])
+        return kernel(leaf, *thresholds[leaf.name], stager)
 
-    return _run(prep, leaf_fn, allow_nonfinite=allow_nonfinite, check_base=True)
+    return _run(prep, leaf_fn, allow_nonfinite=allow_nonfinite, check_base=True,
+                stager=stager)
 
 
 def dare(models, base, drop_rate, *, key, weights=None, scale: float = 1.0,
@@ -507,7 +535,7 @@ def dare(models, base, drop_rate, *, key, weights=None, scale: float = 1.0,
             raise ValueError(f"leaf '{leaf.name}': offset + size exceeds 2^32")
     drop_thr = np.minimum(np.round(p * 2.0**32), 2.0**32 - 1).astype(np.uint32)
 
-    def leaf_fn(leaf):
+    def leaf_fn(leaf, stager):
         seeds = K.leaf_seeds(key, _merge_tree.name_words(leaf.name), n=prep.k)
         if rescale == "inverse":
             factors = 1.0 / (1.0 - p)
@@ -523,6 +551,13 @@ def dare(models, base, drop_rate, *, key, weights=None, scale: float = 1.0,
             before, after = sums[0], sums[1]
             ok = (before >= 1e-7) & (after >= 1e-7)
             factors = np.where(ok, before / np.where(ok, after, 1), 1).astype(before.dtype)
+        if _merge_stage.accepts(leaf):
+            return stager.add(
+                leaf, "dare", (seeds, drop_thr, _cast(factors, leaf), _cast(w, leaf),
+                               _cast(scale, leaf)),
+                (("combine", combine), ("normalize", bool(normalize)),
+                 ("poison", not allow_nonfinite)),
+                base=leaf.base, offset=offset, check=not allow_nonfinite)
         return K.dare_kernel(
             leaf.inputs, leaf.base, seeds, np.uint32(offset), drop_thr,
             _cast(factors, leaf), _cast(w, leaf), _cast(scale, leaf),
@@ -571,3 +606,10 @@ def merge(method: str, models, **kwargs):
     if method not in _METHODS:
         raise ValueError(f"unknown merge method {method!r}; available: {available_methods()}")
     return _METHODS[method](models, **kwargs)
+
+
+if __name__ == "__main__":
+    # `python -m psm.merge ...`: the streaming merge of checkpoints on disk.
+    from psm.merge_cli import main
+
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from psm import _merge_kernels, _merge_trim
+from psm import _merge_kernels, _merge_stage, _merge_trim
 from psm import merge as M
 
 KEY = jax.random.key(7)
@@ -512,6 +512,114 @@ def test_sharded_inputs_give_bit_identical_results():
         _assert_trees_identical(got2[method], ref[method])
         for leaf in jax.tree.leaves(got2[method]):
             assert leaf.sharding.is_equivalent_to(NamedSharding(mesh2, P(None, "x")), 2)
+
+
+# ---- chunked (staged) merging of host-resident leaves ------------------------------------
+
+def _all_methods_kw(models, base):
+    return {
+        "average": M.average(models, [0.1, 0.2, 0.3, 0.4]),
+        "select": M.select(models, key=KEY, probs=[0.1, 0.2, 0.3, 0.4], offset=17),
+        "resample": M.select(models, key=KEY, base=base, resample=3),
+        "resample_tol": M.select(models, key=KEY, base=base, resample=2, tolerance=0.01),
+        "task_arithmetic": M.task_arithmetic(models, base, 0.6, [1.0, -0.5, 0.3, 2.0]),
+        "ties": M.ties(models, base, 0.3, [1.0, 0.5, 2.0, 1.0], scale=0.9),
+        "dare": M.dare(models, base, 0.3, key=KEY, offset=5),
+        "dare_l1_ties": M.dare(models, base, 0.3, key=KEY, rescale="l1", combine="ties"),
+    }
+
+
+def _bits_equal(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype, numpy_in", [
+    (np.float32, False), (np.float32, True), (ml_dtypes.bfloat16, False),
+    (np.float64, True)])
+def test_staged_path_matches_whole_leaf_kernels(monkeypatch, dtype, numpy_in):
+    """Leaves merged chunk by chunk into host memory give the whole-leaf kernels'
+    bits, for K trees and stacked models; 1073 scalars in chunks of 64 exercise
+    the overlapping last chunk."""
+    rng = np.random.default_rng(11)
+    shapes = {"a": (37, 29), "b": (300,), "c": (5, 7, 11)}
+    base = {n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()}
+    models = [{n: (b.astype(np.float32) + 0.05 * rng.standard_normal(b.shape)
+                   * (rng.random(b.shape) < 0.6)).astype(dtype) for n, b in base.items()}
+              for _ in range(4)]
+    if not numpy_in:
+        base = jax.tree.map(jnp.asarray, base)
+        models = [jax.tree.map(jnp.asarray, m) for m in models]
+    stack = np.stack if numpy_in else jnp.stack
+    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 2**40)
+    want = _all_methods_kw(models, base)
+    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 64)
+    monkeypatch.setattr(_merge_stage, "CHUNK", 64)
+    jobs = []
+    orig_add = _merge_stage.Stager.add
+    monkeypatch.setattr(_merge_stage.Stager, "add", lambda self, leaf, *a, **k: (
+        jobs.append(leaf.name), orig_add(self, leaf, *a, **k))[1])
+    for got in (_all_methods_kw(models, base),
+                _all_methods_kw(jax.tree.map(lambda *xs: stack(xs), *models), base)):
+        for method in want:
+            for n in shapes:
+                assert type(got[method][n]) is type(want[method][n]), (method, n)
+                _bits_equal(got[method][n], want[method][n])
+                if numpy_in:
+                    assert not got[method][n].flags.writeable
+    assert set(jobs) == set(shapes) and len(jobs) == 2 * len(want) * len(shapes)
+
+
+def test_staged_outputs_live_in_aligned_host_memory(monkeypatch):
+    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 64)
+    monkeypatch.setattr(_merge_stage, "CHUNK", 64)
+    models = [{"w": jnp.full((40, 30), float(i))} for i in range(3)]
+    out = M.average(models)["w"]
+    assert isinstance(out, jax.Array) and out.devices() == models[0]["w"].devices()
+    # A 2 MiB-aligned numpy buffer wrapped without a copy (huge pages, no faults).
+    assert out.unsafe_buffer_pointer() % (2 << 20) == 0
+    np.testing.assert_array_equal(np.asarray(out), np.ones((40, 30), np.float32))
+
+
+@pytest.mark.parametrize("method", ["average", "select", "resample", "task_arithmetic",
+                                    "ties", "dare"])
+def test_staged_nonfinite_inputs(setup, monkeypatch, method):
+    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 8)
+    monkeypatch.setattr(_merge_stage, "CHUNK", 8)
+    test_nonfinite_inputs(setup, method)
+
+
+def test_staged_finite_check_tolerates_overflowing_sums():
+    big = np.full(64, 3e38, np.float32)  # finite, but the sum overflows
+    assert _merge_stage.finite(big)
+    for bad in (np.nan, np.inf, -np.inf):
+        v = big.copy()
+        v[17] = bad
+        assert not _merge_stage.finite(v)
+    half = np.ones(64, ml_dtypes.bfloat16)
+    assert _merge_stage.finite(half)
+    half[3] = np.inf
+    assert not _merge_stage.finite(half)
+
+
+def test_staged_ties_on_large_tensors_is_exact(monkeypatch):
+    """Tensors above the exact-solve size take the sampled-bracket search; their
+    final pass runs staged; both scopes equal the brute-force reference."""
+    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 1024)
+    monkeypatch.setattr(_merge_stage, "CHUNK", 1 << 14)
+    rng = np.random.default_rng(12)
+    shapes = {"big": (_merge_trim.EXACT // 256 + 7, 300), "small": (33, 5)}
+    base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    models = [{n: b + (0.01 * rng.standard_normal(b.shape) * (rng.random(b.shape) < 0.7)
+                       ).astype(np.float32) for n, b in base.items()} for _ in range(3)]
+    dens, w = [0.1, 0.35, 1.0], [0.5, 1.0, 2.0]
+    for scope in ("tensor", "model"):
+        got = M.ties([jax.tree.map(jnp.asarray, m) for m in models], base, dens, w,
+                     trim=scope)
+        ref = _ties_reference(models, base, dens, w, scope=scope)
+        for n in shapes:
+            np.testing.assert_array_equal(np.asarray(got[n]), ref[n], err_msg=n)
 
 
 # ---- validation -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The streaming merge (`psm.merge_stream`, `python -m psm.merge_cli`).
+"""The streaming merge (`psm.merge_stream`, `python -m psm.merge`).
 
 Every output is compared with `psm.merge` applied in memory to the whole
 checkpoints, loaded by an independent reader (`safetensors.numpy.load_file`,
@@ -248,7 +248,7 @@ def test_cli_subprocess_and_config_file(hf, tmp_path):
     out = str(tmp_path / "cli")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-m", "psm.merge_cli", "--models=" + ",".join(hf["dirs"]),
+        [sys.executable, "-m", "psm.merge", "--models=" + ",".join(hf["dirs"]),
          f"--base={hf['base_dir']}", "--method=select", "--resample=2", "--seed=3",
          f"--out={out}", "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=120)
@@ -302,7 +302,7 @@ def test_killed_run_leaves_nothing_and_rerun_succeeds(tmp_path):
     out = str(tmp_path / "out")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "psm.merge_cli", f"--models={dirs[0]},{dirs[1]}",
+        [sys.executable, "-m", "psm.merge", f"--models={dirs[0]},{dirs[1]}",
          "--method=select", f"--out={out}", "--shard-size=100KB", "--no-progress"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen, deadline = None, time.time() + 90
