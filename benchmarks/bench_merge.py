@@ -17,10 +17,12 @@ It also prints the time relative to `average`, the minor page faults per call,
 each call's peak memory above the memory before it (merging never stacks the K
 trees into a `[K, ...]` copy), and the target share.
 
-By default every result (each merge, each allocating copy) gets fresh pages from
-the OS, as a one-off merge does; `--reuse-pages` keeps glibc's default, under
-which a result may reuse pages that an earlier call freed (cheaper, but which
-calls get them depends on the order of the calls).
+Memory comes from glibc's default allocator, as in any process: a result may
+reuse pages that an earlier call freed (see the faults column). `--fresh-pages`
+instead serves every allocation of 1 MiB or more with its own mmap, so each
+result (and each allocating copy) gets fresh pages as in a one-off merge; it
+also makes large host temporaries (TIES) fault every time, which a normal
+process would recycle.
 
     python benchmarks/bench_merge.py                 # K = 4 x 50M params, 16 leaves
     python benchmarks/bench_merge.py --params=5e6    # quick smoke run
@@ -86,12 +88,11 @@ def _fresh_pages_for_large_allocations() -> bool:
     """Makes glibc serve every allocation of 1 MiB or more with its own mmap, so a
     freed result's pages go back to the OS and the next result gets fresh pages.
 
-    Without this, whether a merge (or the allocating copy) reuses pages freed by
-    the previous call depends on glibc's dynamic mmap threshold and on the order
-    of the calls; reused pages skip the first-touch cost (page faults and
-    zeroing, the dominant extra cost of a fresh result on this kind of machine),
-    so the methods would be compared under different conditions. Fresh pages
-    for everyone is the case of a one-off merge. False where unsupported.
+    By default, whether a merge (or the allocating copy) reuses pages freed by an
+    earlier call depends on glibc's dynamic mmap threshold and on the order of
+    the calls; reused pages skip the first-touch cost (page faults and zeroing).
+    Fresh pages for every result is the case of a one-off merge. False where
+    unsupported.
     """
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
@@ -186,12 +187,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     ap.add_argument("--unchanged", type=float, default=0.3,
                     help="fraction of each task vector that is exactly 0")
-    ap.add_argument("--reuse-pages", action="store_true",
-                    help="keep glibc's default allocation (results may reuse pages freed "
-                         "by earlier calls, as in a long-running process) instead of fresh "
-                         "pages for every result")
+    ap.add_argument("--fresh-pages", action="store_true",
+                    help="mmap every allocation >= 1 MiB, so every result gets fresh pages "
+                         "(a one-off merge) instead of possibly reusing freed ones")
     args = ap.parse_args()
-    fresh = not args.reuse_pages and _fresh_pages_for_large_allocations()
+    fresh = args.fresh_pages and _fresh_pages_for_large_allocations()
     k, key = args.k, jax.random.key(1)
     base, models = _make_models(int(args.params), args.leaves, k, args.unchanged)
     model_bytes = sum(x.nbytes for x in base.values())
@@ -232,9 +232,7 @@ def main():
         extra[name] = _hwm_mb() - before
     # Time: every round runs, for each method, the preallocated copy, the
     # allocating copy and the method, so all three see the same machine state;
-    # the medians over rounds are reported. Every call that produces a result
-    # (the allocating copy, every merge) gets fresh pages, as a one-off merge
-    # does (see _fresh_pages_for_large_allocations).
+    # the medians over rounds are reported.
     host_leaves = [np.asarray(x) for x in base.values()]
     samples = {name: {"method": [], "copyto": [], "alloc": [], "faults": [], "afaults": []}
                for name, *_ in cases}
@@ -282,8 +280,8 @@ def main():
           "alloc GB/s: x.copy() of the same bytes, a fresh\nresult like a merge's (median "
           f"{afaults:.0f} page faults per copy; numpy advises huge pages for large arrays).\n"
           + ("Allocations >= 1 MiB are mmap'd (mallopt), so every result gets fresh pages, as "
-             "in a one-off merge." if fresh else "Default allocation: results may reuse pages "
-             "freed by earlier calls (see faults)."))
+             "in a one-off merge (--fresh-pages)." if fresh else "glibc's default allocation: "
+             "a result may reuse pages freed by earlier calls (see faults)."))
     print("faults = minor page faults per merge call. +MB = peak RSS of one call above the "
           f"RSS before it (the merged\nmodel is {model_bytes / _MB:.0f} MB).")
     print(f"model size {model_bytes / _MB:.0f} MB; inputs (K models + base) "

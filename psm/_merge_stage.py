@@ -179,8 +179,10 @@ class Stager:
             offset: int = 0, check: bool = True) -> Job:
         """Queues the merge of one accepted leaf; returns its Job (done after `run`)."""
         device = _host_device(leaf.stacked if leaf.xs is None else leaf.xs[0])
+        def put(a):  # numpy operands become device arrays once, not once per chunk
+            return a if isinstance(a, jax.Array) else jax.device_put(a, device)
+
         with x64_if_needed(leaf.dtype):
-            put = lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, device)  # noqa: E731
             inputs = put(leaf.stacked) if leaf.xs is None else tuple(put(x) for x in leaf.xs)
             base = None if base is None else put(base)
         job = Job(leaf=leaf, device=device, inputs=inputs, base=base, body=body,

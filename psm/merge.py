@@ -19,9 +19,15 @@ Validation. Structure, shapes, dtypes, weights, probabilities, keys and options
 are checked before any computation, with errors naming the leaf and what
 differs. Non-finite inputs (NaN / inf) raise a ValueError naming the leaf and the
 model unless `allow_nonfinite=True`; to keep merging at memory bandwidth the
-check rides on the merge pass itself (a non-finite input poisons the result, one
-host check per leaf), so the error comes after the arithmetic but before
-anything is returned.
+check rides on the merge pass itself (a non-finite input poisons the result; the
+host sums each result, chunk by chunk while it is in cache for large host-resident
+leaves), so the error comes after the arithmetic but before anything is returned.
+
+Memory. Large leaves held in host memory (numpy, or a `jax.Array` on one CPU
+device) are merged chunk by chunk into huge-page-backed host memory, which avoids
+the page faults of a fresh XLA output buffer (see `psm._merge_stage`); the
+results are bit-identical to the whole-leaf kernels used for sharded or
+accelerator arrays.
 
 Randomness. `select` and `dare` take a `key` (a new-style typed key such as
 `jax.random.key(0)`, or a raw `uint32[2]` key such as `jax.random.PRNGKey(0)`).

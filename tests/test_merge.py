@@ -590,6 +590,25 @@ def test_staged_nonfinite_inputs(setup, monkeypatch, method):
     test_nonfinite_inputs(setup, method)
 
 
+@pytest.mark.parametrize("staged", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nonfinite_in_a_never_selected_model_is_detected(monkeypatch, staged, dtype):
+    """The result only copies model 0 here, so only the poison term (not the
+    selected values) can reveal model 3's inf."""
+    if staged:
+        monkeypatch.setattr(_merge_stage, "MIN_SIZE", 64)
+        monkeypatch.setattr(_merge_stage, "CHUNK", 64)
+    models = [{"w": jnp.full((20, 10), float(i), dtype)} for i in range(4)]
+    models[3] = {"w": models[3]["w"].at[5, 5].set(jnp.inf)}
+    base = {"w": jnp.zeros((20, 10), dtype)}
+    with pytest.raises(ValueError, match=r"leaf 'w': models\[3\] contains NaN"):
+        M.select(models, key=KEY, probs=[1, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"leaf 'w': models\[3\] contains NaN"):
+        M.select(models, key=KEY, base=base, probs=[1, 0, 0, 0], resample=2)
+    out = M.select(models, key=KEY, probs=[1, 0, 0, 0], allow_nonfinite=True)
+    np.testing.assert_array_equal(np.asarray(out["w"], np.float32), np.zeros((20, 10)))
+
+
 def test_staged_finite_check_tolerates_overflowing_sums():
     big = np.full(64, 3e38, np.float32)  # finite, but the sum overflows
     assert _merge_stage.finite(big)
