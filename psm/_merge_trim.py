@@ -26,6 +26,7 @@ exactly k entries are kept.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 
@@ -78,57 +79,60 @@ class _Part:
     vals: np.ndarray = None   # their bits
 
 
-def _sample_variance(vals, n, k, block):
+STRIDE = 16           # every STRIDE-th sampled value forms the sorted sub-sample
+
+
+def _sample_variance(vals, n, k, block, sub=None):
     """Variance of the count of entries above the k-th largest of n estimated
     from the sample vals `[S]` (runs of `block` consecutive scalars): the larger
     of the binomial n^2/S q(1-q) and the cluster-sample (n/S)^2 B var(c_b), c_b
-    the count per block above an approximate threshold (from every 16th value)
-    and B the number of blocks."""
+    the count per block above an approximate threshold (from the sorted
+    sub-sample `sub`, every STRIDE-th value) and B the number of blocks."""
     s = len(vals)
     q = k / n
     var = n * n / s * q * (1 - q)
     if block > 1 and s >= 2 * block:
-        sub = vals[::16]
-        r = len(sub) - 1 - min(len(sub) - 1, int(q * len(sub)))  # ascending rank
-        t = np.partition(sub, r)[r]
+        sub = np.sort(vals[::STRIDE]) if sub is None else sub
+        t = sub[len(sub) - 1 - min(len(sub) - 1, int(q * len(sub)))]
         per_block = np.count_nonzero((vals >= t).reshape(-1, block), axis=1)
         var = max(var, (n / s) ** 2 * len(per_block) * float(np.var(per_block, ddof=1)))
     return var
 
 
-def _bracket_uniform(vals, weight, k, var, nonebits):
-    """`_bracket` for a sample in which every value stands for `weight` entries."""
+def _bracket_uniform(vals, weight, k, var, nonebits, sub=None):
+    """`_bracket` for a sample in which every value stands for `weight` entries
+    (sub: `np.sort(vals[::STRIDE])` if already computed)."""
     s = len(vals)
     margin = Z * np.sqrt(var) + 64
     j_hi = int(np.floor((k - margin) / weight)) - 1   # desc. index, count <= k - margin
     j_lo = int(np.ceil((k + margin) / weight)) - 1    # desc. index, count >= k + margin
     want = [s - 1 - j for j in (j_hi, j_lo) if 0 <= j < s]
-    stats = dict(zip(want, _order_stats(vals, want))) if want else {}
+    stats = dict(zip(want, _order_stats(vals, want, sub))) if want else {}
     hi = stats[s - 1 - j_hi] if 0 <= j_hi < s else vals.dtype.type(nonebits)
     lo = stats[s - 1 - j_lo] if 0 <= j_lo < s else vals.dtype.type(0)
     return lo, hi
 
 
-def _order_stats(vals: np.ndarray, ranks) -> np.ndarray:
+def _order_stats(vals: np.ndarray, ranks, sub=None) -> np.ndarray:
     """`np.partition(vals, ranks)[ranks]` (0-based ascending ranks), exactly, in
-    under half the time for large samples: a strided sub-sample brackets
-    the wanted ranks (6 sigma), and only the values inside the bracket are
-    partitioned. Falls back to the full partition if the bracket misses."""
+    a fraction of the time for large samples: the sorted strided sub-sample
+    `sub` = `np.sort(vals[::STRIDE])` (computed if not given) brackets the wanted
+    ranks (6 sigma), and only the values inside the bracket are partitioned.
+    Falls back to a full partition if the bracket misses."""
     order = np.argsort(ranks)
     result = np.empty(len(ranks), vals.dtype)
-    result[order] = _order_stats_sorted(vals, sorted(int(r) for r in ranks))
+    result[order] = _order_stats_sorted(vals, sorted(int(r) for r in ranks), sub)
     return result
 
 
-def _order_stats_sorted(vals, ranks):
-    s, step = len(vals), 16
-    if s < 64 * step:
+def _order_stats_sorted(vals, ranks, sub):
+    s = len(vals)
+    if s < 64 * STRIDE:
         return np.partition(vals, ranks)[ranks]
-    sub = vals[::step]
+    sub = np.sort(vals[::STRIDE]) if sub is None else sub
     pad = int(3 * np.sqrt(len(sub))) + 16
-    r_lo = max(0, ranks[0] // step - pad)
-    r_hi = min(len(sub) - 1, ranks[-1] // step + pad)
-    a, b = np.partition(sub, [r_lo, r_hi])[[r_lo, r_hi]]
+    a = sub[max(0, ranks[0] // STRIDE - pad)]
+    b = sub[min(len(sub) - 1, ranks[-1] // STRIDE + pad)]
     below = int(np.count_nonzero(vals < a))
     mid = np.compress((vals >= a) & (vals <= b), vals)
     if not below <= ranks[0] <= ranks[-1] < below + len(mid):
@@ -257,29 +261,37 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
             job.pending = K.block_sample_bits_kernel(leaf.inputs, leaf.base, rows,
                                                      stacked=leaf.xs is None, block=BLOCK)
             jobs.append(job)
-    for job in jobs:  # brackets from the samples, then the labelling passes
-        n, sample = job.leaf.size, np.asarray(job.pending)
-        nonebits = np.iinfo(job.utype).max
-        lo = np.zeros(k_models, job.utype)
-        hi = np.full(k_models, nonebits, job.utype)
-        for i in job.todo:
-            var = _sample_variance(sample[i], n, job.ks[i], BLOCK)
-            lo[i], hi[i] = _bracket_uniform(sample[i], n / sample.shape[1], job.ks[i], var,
-                                            nonebits)
-        job.pending = _label_dispatch(job.leaf, job.leaf.base, lo, hi, job.todo)
-    # Per leaf: counts and positions from its labels and the gather of its inside
-    # values; meanwhile the previous leaf's gather has run, so it is solved and
-    # handed to on_ready. Merge passes thus start while later leaves are decoded.
-    prev = None
-    for job in jobs + [None]:
-        if job is not None:
-            job.parts = _label_decode(job.leaf, job.pending)
-            job.pending = _gather_dispatch(job.leaf, job.leaf.base, job.parts, k_models)
-        if prev is not None:
-            _solve_job(prev)
-            on_ready(prev.leaf, prev.tbits, prev.cuts)
-        prev = job
+    # Brackets from the samples, then the labelling passes. A helper thread
+    # decodes each leaf's labels (counts and inside positions: numpy, which
+    # releases the GIL) and starts the gather of its inside values, while this
+    # thread computes the next brackets and solves the earlier leaves; each
+    # solved leaf goes to on_ready at once, so merge passes start early.
+    with concurrent.futures.ThreadPoolExecutor(1, "psm-ties-decode") as pool:
+        decoded = []
+        for job in jobs:
+            n, sample = job.leaf.size, np.asarray(job.pending)
+            nonebits = np.iinfo(job.utype).max
+            lo = np.zeros(k_models, job.utype)
+            hi = np.full(k_models, nonebits, job.utype)
+            for i in job.todo:
+                sub = np.sort(sample[i, ::STRIDE])
+                var = _sample_variance(sample[i], n, job.ks[i], BLOCK, sub)
+                lo[i], hi[i] = _bracket_uniform(sample[i], n / sample.shape[1], job.ks[i],
+                                                var, nonebits, sub)
+            job.pending = _label_dispatch(job.leaf, job.leaf.base, lo, hi, job.todo)
+            decoded.append(pool.submit(_decode_and_gather, job, k_models))
+        for job, done in zip(jobs, decoded):
+            done.result()
+            _solve_job(job)
+            on_ready(job.leaf, job.tbits, job.cuts)
     return out
+
+
+def _decode_and_gather(job, k_models):
+    """Counts and inside positions from a leaf's labels, then the gather of the
+    inside values started (job.parts, job.pending)."""
+    job.parts = _label_decode(job.leaf, job.pending)
+    job.pending = _gather_dispatch(job.leaf, job.leaf.base, job.parts, k_models)
 
 
 def _solve_job(job):
@@ -323,15 +335,16 @@ def _label_decode(leaf, pending) -> dict:
         packed = np.asarray(packed).reshape(-1)
         scratch = np.empty_like(packed)
         inside_any = np.flatnonzero(packed >= 16)
-        sub = packed[inside_any]
+        sub = np.take(packed, inside_any)
         for g, i in enumerate(group):
             # count_nonzero of uint8 is vectorised: ~2x faster than popcounts of
             # masked uint64 words, with one reused scratch array.
             above = int(np.count_nonzero(np.bitwise_and(packed, np.uint8(1 << g),
                                                         out=scratch)))
-            # np.compress is ~4x faster than boolean indexing here.
+            # np.compress with a bool condition is ~4x faster than boolean
+            # indexing (and than np.compress with an integer condition).
             parts[i] = _Part(n=leaf.size, above=above,
-                             idx=np.compress(sub & np.uint8(16 << g), inside_any))
+                             idx=np.compress((sub & np.uint8(16 << g)) != 0, inside_any))
     return parts
 
 
