@@ -174,6 +174,16 @@ def _out_sharding(leaf, stacked: bool):
     return None
 
 
+def _check_like(name: str, who: str, x, shape: tuple, dtype: np.dtype, ref: str) -> None:
+    """ValueError naming the leaf unless x has the given shape and dtype."""
+    if tuple(np.shape(x)) != shape:
+        raise ValueError(f"leaf '{name}': {who} has shape {tuple(np.shape(x))} but {ref} "
+                         f"{shape}")
+    if np.dtype(x.dtype) != dtype:
+        raise ValueError(f"leaf '{name}': {who} has dtype {np.dtype(x.dtype)} but {ref} "
+                         f"{dtype}")
+
+
 def prepare(models, base=None, *, need_base: bool = False) -> Prepared:
     """Flattens and checks the models (and base) of a merge call.
 
@@ -239,25 +249,11 @@ def prepare(models, base=None, *, need_base: bool = False) -> Prepared:
             shape, dtype = tuple(np.shape(first)), np.dtype(first.dtype)
             xs = tuple(m[name] for m in per_model)
             for i, x in enumerate(xs[1:], start=1):
-                if tuple(np.shape(x)) != shape:
-                    raise ValueError(
-                        f"leaf '{name}': models[{i}] has shape {tuple(np.shape(x))} but "
-                        f"models[0] has {shape}")
-                if np.dtype(x.dtype) != dtype:
-                    raise ValueError(
-                        f"leaf '{name}': models[{i}] has dtype {np.dtype(x.dtype)} but "
-                        f"models[0] has {dtype}")
+                _check_like(name, f"models[{i}]", x, shape, dtype, "models[0] has")
         b = None
         if base_map is not None:
             b = base_map[name]
-            if tuple(np.shape(b)) != shape:
-                raise ValueError(
-                    f"leaf '{name}': base has shape {tuple(np.shape(b))} but each model has "
-                    f"{shape}")
-            if np.dtype(b.dtype) != dtype:
-                raise ValueError(
-                    f"leaf '{name}': base has dtype {np.dtype(b.dtype)} but the models have "
-                    f"{dtype}")
+            _check_like(name, "base", b, shape, dtype, "each model has")
         if _is_float(dtype):
             if jnp.issubdtype(dtype, jnp.complexfloating):
                 raise TypeError(f"leaf '{name}': complex dtype {dtype} is not supported")

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from psm.models._fields import from_fields
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ACTS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
          "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -92,11 +94,7 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown BertConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_fields(cls, d)
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> "BertConfig":

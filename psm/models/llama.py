@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from psm.models._fields import from_fields
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -139,11 +141,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_fields(cls, d)
 
 
 def _hf_to_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
