@@ -30,6 +30,7 @@ import concurrent.futures
 import dataclasses
 import functools
 
+import jax
 import numpy as np
 
 from psm import _merge_kernels as K
@@ -266,6 +267,7 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
     # releases the GIL) and starts the gather of its inside values, while this
     # thread computes the next brackets and solves the earlier leaves; each
     # solved leaf goes to on_ready at once, so merge passes start early.
+    x64 = bool(jax.config.jax_enable_x64)  # thread-local: the helper must share it
     with concurrent.futures.ThreadPoolExecutor(1, "psm-ties-decode") as pool:
         decoded = []
         for job in jobs:
@@ -279,7 +281,7 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
                 lo[i], hi[i] = _bracket_uniform(sample[i], n / sample.shape[1], job.ks[i],
                                                 var, nonebits, sub)
             job.pending = _label_dispatch(job.leaf, job.leaf.base, lo, hi, job.todo)
-            decoded.append(pool.submit(_decode_and_gather, job, k_models))
+            decoded.append(pool.submit(_decode_and_gather, job, k_models, x64))
         for job, done in zip(jobs, decoded):
             done.result()
             _solve_job(job)
@@ -287,11 +289,13 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
     return out
 
 
-def _decode_and_gather(job, k_models):
+def _decode_and_gather(job, k_models, x64: bool):
     """Counts and inside positions from a leaf's labels, then the gather of the
-    inside values started (job.parts, job.pending)."""
-    job.parts = _label_decode(job.leaf, job.pending)
-    job.pending = _gather_dispatch(job.leaf, job.leaf.base, job.parts, k_models)
+    inside values started (job.parts, job.pending). x64: the caller's 64-bit
+    mode (float64 leaves), which is thread-local in JAX."""
+    with jax.enable_x64(x64):
+        job.parts = _label_decode(job.leaf, job.pending)
+        job.pending = _gather_dispatch(job.leaf, job.leaf.base, job.parts, k_models)
 
 
 def _solve_job(job):

@@ -279,10 +279,13 @@ def test_task_arithmetic_reference(setup):
 
 def _ties_reference(models, base, density, weights, scale=1.0, normalize=True,
                     scope="tensor"):
-    """Brute force: stable sort of magnitudes (ties by position), float32 arithmetic."""
+    """Brute force: stable sort of magnitudes (ties by position), float32 arithmetic
+    (float64 for float64 leaves)."""
     names = sorted(base)
     k_models = len(models)
-    tau = [{n: np.asarray(m[n], np.float32) - np.asarray(base[n], np.float32) for n in names}
+    ct = {n: np.float64 if np.asarray(base[n]).dtype == np.float64 else np.float32
+          for n in names}
+    tau = [{n: np.asarray(m[n], ct[n]) - np.asarray(base[n], ct[n]) for n in names}
            for m in models]
     kept = [dict() for _ in range(k_models)]
     for i in range(k_models):
@@ -301,18 +304,18 @@ def _ties_reference(models, base, density, weights, scale=1.0, normalize=True,
                 off += size
     out = {}
     for n in names:
-        ds = [np.float32(weights[i]) * kept[i][n] for i in range(k_models)]
-        maj = np.where(sum(ds) >= 0, 1.0, -1.0)
+        c = ct[n]
+        ds = [c(weights[i]) * kept[i][n] for i in range(k_models)]
+        maj = np.where(sum(ds) >= 0, c(1.0), c(-1.0))
         agree = [np.sign(d) == maj for d in ds]
-        num = sum(np.where(a, d, 0) for a, d in zip(agree, ds))
-        den = sum(np.where(a, np.float32(w), 0) for a, w in zip(agree, weights))
-        mixed = num / np.where(den == 0, 1, den) if normalize else num
-        out[n] = (np.asarray(base[n], np.float32) + mixed * np.float32(scale)).astype(
-            np.asarray(base[n]).dtype)
+        num = sum(np.where(a, d, c(0)) for a, d in zip(agree, ds))
+        den = sum(np.where(a, c(w), c(0)) for a, w in zip(agree, weights))
+        mixed = num / np.where(den == 0, c(1), den) if normalize else num
+        out[n] = (np.asarray(base[n], c) + mixed * c(scale)).astype(np.asarray(base[n]).dtype)
     return out
 
 
-@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float64])
 @pytest.mark.parametrize("scope", ["tensor", "model"])
 def test_ties_exact_against_brute_force(dtype, scope):
     rng = np.random.default_rng(3)
