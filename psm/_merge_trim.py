@@ -127,6 +127,7 @@ def _order_stats(vals: np.ndarray, ranks, sub=None) -> np.ndarray:
 
 
 def _order_stats_sorted(vals, ranks, sub):
+    """`_order_stats` for ascending ranks."""
     s = len(vals)
     if s < 64 * STRIDE:
         return np.partition(vals, ranks)[ranks]
