@@ -13,9 +13,11 @@ measured interleaved with the method in every round:
 - an allocating `x.copy()`: produces fresh output like a merge does, so it pays
   the same first-touch cost (page faults) for its result.
 
-It also prints the time relative to `average`, the minor page faults per call,
-each call's peak memory above the memory before it (merging never stacks the K
-trees into a `[K, ...]` copy), and the target share.
+It also prints the time relative to `average`, the cores a call kept busy (CPU
+time over wall time: on a small machine a merge is CPU-bound as much as
+bandwidth-bound), the minor page faults per call, each call's peak memory above
+the memory before it (merging never stacks the K trees into a `[K, ...]` copy),
+and the target share.
 
 Memory comes from glibc's default allocator, as in any process: a result may
 reuse pages that an earlier call freed (see the faults column). `--fresh-pages`
@@ -153,15 +155,21 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _timed(fn):
-    """(seconds, minor page faults) of one call of fn, results ready."""
-    f0 = _faults()
+    """(seconds, minor page faults, CPU seconds) of one call of fn, results ready."""
+    f0, c0 = _faults(), _cpu_seconds()
     t0 = time.perf_counter()
     out = fn()
     jax.block_until_ready(out)
     t = time.perf_counter() - t0
     del out
-    return t, _faults() - f0
+    return t, _faults() - f0, _cpu_seconds() - c0
 
 
 def _round(cases, sources, dests, samples) -> None:
@@ -171,12 +179,13 @@ def _round(cases, sources, dests, samples) -> None:
         src, rec = sources[name], samples[name]
         _settle()  # the previous result's pages are released here, not in a timing
         rec["copyto"].append(_timed(lambda: [np.copyto(d, x) for d, x in zip(dests, src)])[0])
-        t, f = _timed(lambda: [x.copy() for x in src])
+        t, f, _ = _timed(lambda: [x.copy() for x in src])
         rec["alloc"].append(t)
         rec["afaults"].append(f)
-        t, f = _timed(fn)
+        t, f, c = _timed(fn)
         rec["method"].append(t)
         rec["faults"].append(f)
+        rec["cores"].append(c / t)
 
 
 def main():
@@ -234,7 +243,8 @@ def main():
     # allocating copy and the method, so all three see the same machine state;
     # the medians over rounds are reported.
     host_leaves = [np.asarray(x) for x in base.values()]
-    samples = {name: {"method": [], "copyto": [], "alloc": [], "faults": [], "afaults": []}
+    samples = {name: {"method": [], "copyto": [], "alloc": [], "faults": [], "afaults": [],
+                      "cores": []}
                for name, *_ in cases}
     sources = {name: _copy_sources(host_leaves, (n_in + 1) * model_bytes)
                for name, _, n_in, _ in cases}
@@ -254,7 +264,7 @@ def main():
     print(f"load average before timing: {' '.join(f'{x:.2f}' for x in load_before)}; after: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     print(f"{'method':<21}{'time s':>8}{'GB/s':>7}{'copyto':>8}{'%':>5}{'alloc':>7}{'%':>6}"
-          f"{'x avg':>7}{'faults':>8}{'+MB':>6}{'target':>8}  ok (copyto / alloc)")
+          f"{'x avg':>7}{'cores':>6}{'faults':>8}{'+MB':>6}{'target':>8}  ok (copyto / alloc)")
     for name, _, n_in, target in cases:
         m = med[name]
         nbytes = (n_in + 1) * model_bytes
@@ -271,7 +281,8 @@ def main():
             ok += f"; {'yes' if m['method'] / t_avg <= 1.2 else 'NO'} (<= 1.2x avg)"
         print(f"{name:<21}{m['method']:>8.4f}{bw / 1e9:>7.2f}{bw_copyto / 1e9:>8.2f}"
               f"{100 * share:>4.0f}%{bw_alloc / 1e9:>7.2f}{100 * share_alloc:>5.0f}%"
-              f"{m['method'] / t_avg:>7.2f}{m['faults']:>8.0f}{extra[name]:>6.0f}{tgt:>8}  {ok}")
+              f"{m['method'] / t_avg:>7.2f}{m['cores']:>6.2f}{m['faults']:>8.0f}"
+              f"{extra[name]:>6.0f}{tgt:>8}  {ok}")
     afaults = float(np.median([v for rec in samples.values() for v in rec["afaults"]]))
     print(f"Medians of {args.repeats} interleaved rounds. GB/s = (bytes of inputs read + "
           "output written) / time.")
@@ -282,6 +293,8 @@ def main():
           + ("Allocations >= 1 MiB are mmap'd (mallopt), so every result gets fresh pages, as "
              "in a one-off merge (--fresh-pages)." if fresh else "glibc's default allocation: "
              "a result may reuse pages freed by earlier calls (see faults)."))
+    print("cores = CPU time (user + system, all threads) / wall time of a merge call: "
+          "how many cores it kept busy.")
     print("faults = minor page faults per merge call. +MB = peak RSS of one call above the "
           f"RSS before it (the merged\nmodel is {model_bytes / _MB:.0f} MB).")
     print(f"model size {model_bytes / _MB:.0f} MB; inputs (K models + base) "

@@ -5,8 +5,9 @@ magnitude (k = max(1, int(density * n)), as mergekit). Instead of sorting
 (O(n log n); `jnp.partition` / `lax.top_k` are sort-based on CPU) this finds
 the k-th largest magnitude exactly with two linear passes:
 
-1. a fixed pseudo-random sample of blocks of BLOCK consecutive scalars gives
-   a bracket [lo, hi] that contains the k-th largest magnitude with
+1. a fixed pseudo-random sample of blocks of BLOCK consecutive scalars (1/16
+   of the tensor, at least 2^14 and at most 2^17 scalars) gives a bracket
+   [lo, hi] that contains the k-th largest magnitude with
    overwhelming probability: Z = 4 standard deviations of the estimated
    count, plus 64 entries, with the variance taken from the spread between
    blocks where that exceeds the binomial one (neighbouring magnitudes can
@@ -35,7 +36,9 @@ import numpy as np
 
 from psm import _merge_kernels as K
 
-SAMPLE = 1 << 17      # sampled positions per tensor (per-tensor scope)
+SAMPLE = 1 << 17      # sampled positions per tensor (per-tensor scope), at most ...
+SAMPLE_SHARE = 16     # ... 1/SAMPLE_SHARE of the tensor, and at least SAMPLE_MIN
+SAMPLE_MIN = 1 << 14
 SAMPLE_TOTAL = 1 << 18  # sampled positions per model (whole-model scope)
 EXACT = 1 << 17       # tensors up to this size are solved exactly on the host
 BLOCK = 32            # consecutive scalars per sampled block (whole cache lines)
@@ -259,7 +262,10 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
             _solve_job_exact(job)
             on_ready(leaf, job.tbits, job.cuts)
         else:
-            rows = _positions(n // BLOCK, min(SAMPLE // BLOCK, n // BLOCK))
+            # The sample's cost grows with its size, the decoding's with the
+            # bracket's width (~1/sqrt(size)) times n: small tensors take less.
+            size = min(SAMPLE, max(SAMPLE_MIN, n // SAMPLE_SHARE))
+            rows = _positions(n // BLOCK, min(size // BLOCK, n // BLOCK))
             job.pending = K.block_sample_bits_kernel(leaf.inputs, leaf.base, rows,
                                                      stacked=leaf.xs is None, block=BLOCK)
             jobs.append(job)
