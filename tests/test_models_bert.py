@@ -69,6 +69,8 @@ def test_config_checks():
         CFG.replace(num_labels=2, problem_type="regression")
     with pytest.raises(ValueError, match="hidden_act"):
         CFG.replace(hidden_act="swish")
+    with pytest.raises(ValueError, match=r"BertConfig.param_dtype must be one of"):
+        CFG.replace(param_dtype="float64")
     with pytest.raises(ValueError, match="position_embedding_type"):
         BertConfig.from_hf_config({"vocab_size": 5, "hidden_size": 4, "num_hidden_layers": 1,
                                    "num_attention_heads": 1, "intermediate_size": 8,

@@ -204,5 +204,7 @@ def test_config_validation():
         LlamaConfig(**{**TINY, "num_kv_heads": 3})
     with pytest.raises(ValueError, match="unknown LlamaConfig fields"):
         LlamaConfig.from_dict({**TINY, "n_layer": 2})
+    with pytest.raises(ValueError, match=r"LlamaConfig.dtype must be one of \['bfloat16'"):
+        LlamaConfig(**TINY, dtype="int8")
     cfg = LlamaConfig(**TINY, scan_layers=True)
     assert LlamaConfig.from_dict(cfg.to_dict()) == cfg

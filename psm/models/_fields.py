@@ -1,4 +1,4 @@
-"""Building a config dataclass from a dict that may hold unknown keys."""
+"""What the model configs share: building one from a dict, and dtype names."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import jax.numpy as jnp
+
 T = TypeVar("T")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+"""The dtype names a config's `param_dtype` and `dtype` may take."""
 
 
 def from_fields(cls: type[T], d: Mapping[str, Any]) -> T:
@@ -17,3 +22,12 @@ def from_fields(cls: type[T], d: Mapping[str, Any]) -> T:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
     return cls(**d)
+
+
+def check_dtype_names(config) -> None:
+    """ValueError unless config.param_dtype and config.dtype name keys of DTYPES."""
+    for name in ("param_dtype", "dtype"):
+        value = getattr(config, name)
+        if value not in DTYPES:
+            raise ValueError(f"{type(config).__name__}.{name} must be one of "
+                             f"{sorted(DTYPES)}, got {value!r}")

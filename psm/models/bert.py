@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from psm.models._fields import from_fields
+from psm.models._fields import DTYPES, check_dtype_names, from_fields
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ACTS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
          "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
          "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -81,10 +80,7 @@ class BertConfig:
         if self.num_labels and not self.add_pooler:
             raise ValueError("BertConfig: a classification head reads the pooler output; "
                              "set add_pooler=True")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"BertConfig.{name} must be one of {sorted(_DTYPES)}, "
-                                 f"got {getattr(self, name)!r}")
+        check_dtype_names(self)
 
     def replace(self, **changes) -> "BertConfig":
         return dataclasses.replace(self, **changes)
@@ -128,11 +124,11 @@ class BertConfig:
 
     @property
     def jnp_param_dtype(self):
-        return _DTYPES[self.param_dtype]
+        return DTYPES[self.param_dtype]
 
     @property
     def jnp_dtype(self):
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
 
 def _dense(d_in, d_out, cfg: BertConfig, rngs):

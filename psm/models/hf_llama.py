@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from psm.models import llama
+from psm.models._fields import DTYPES
 from psm.models.llama import LlamaConfig
 from psm.models.safetensors_io import (SafetensorsCheckpoint, read_json, save_safetensors,
                                        write_json)
@@ -103,9 +104,9 @@ def save_hf_llama(out_dir: str, config: LlamaConfig, params, *, tokenizer=None,
       ValueError: params do not fit `config` (checked before anything is written).
     """
     dtype = dtype or config.param_dtype
-    if dtype not in llama._DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(llama._DTYPES)}, got {dtype!r}")
-    np_dtype = np.dtype(llama._DTYPES[dtype])
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    np_dtype = np.dtype(DTYPES[dtype])
     if tokenizer is not None:
         tokenizer.check_fits(config.vocab_size)
     # Validates names and shapes before writing (raises naming the leaf).

@@ -41,9 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from psm.models._fields import from_fields
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from psm.models._fields import DTYPES, check_dtype_names, from_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +77,7 @@ class LlamaConfig:
             raise ValueError(
                 f"LlamaConfig.hidden_size ({self.hidden_size}) is not divisible by num_heads "
                 f"({self.num_heads}); set head_dim explicitly")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"LlamaConfig.{name} must be one of {sorted(_DTYPES)}, "
-                                 f"got {getattr(self, name)!r}")
+        check_dtype_names(self)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -90,11 +85,11 @@ class LlamaConfig:
 
     @property
     def jnp_param_dtype(self):
-        return _DTYPES[self.param_dtype]
+        return DTYPES[self.param_dtype]
 
     @property
     def jnp_dtype(self):
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
