@@ -43,6 +43,7 @@ SAMPLE_TOTAL = 1 << 18  # sampled positions per model (whole-model scope)
 EXACT = 1 << 17       # tensors up to this size are solved exactly on the host
 BLOCK = 32            # consecutive scalars per sampled block (whole cache lines)
 Z = 4.0               # bracket half-width in standard deviations of the sample estimate
+STRIDE = 16           # every STRIDE-th sampled value forms the sorted sub-sample
 CUT_ALL = np.uint32(0xFFFFFFFF)  # keep every tie (flat index < 2^32 - 1 always)
 
 
@@ -81,9 +82,6 @@ class _Part:
     above: int = 0            # entries with bits > hi
     idx: np.ndarray = None    # flat indices of entries in [lo, hi], ascending
     vals: np.ndarray = None   # their bits
-
-
-STRIDE = 16           # every STRIDE-th sampled value forms the sorted sub-sample
 
 
 def _sample_variance(vals, n, k, block, sub=None):
