@@ -54,13 +54,19 @@ def _mix32(h):
 
 
 def stream_seeds(key, words, stream):
-    """Two uint32 seed words of one random stream of one leaf, `[2]`.
+    """Two uint32 seed words of one random stream of one leaf, `[2]`: (s0, s1).
 
-    seeds = random.bits(fold_in(fold_in(fold_in(key, w0), w1), stream), (2,), uint32)
-    where (w0, w1) are the leaf's name words (see `_merge_tree.name_words`).
+    s0 = random.bits(leaf_key, (), uint32) is the leaf's word, shared by all its
+    streams; s1 = random.bits(fold_in(leaf_key, stream), (), uint32) is the
+    stream's own; leaf_key = fold_in(fold_in(key, w0), w1) with (w0, w1) the
+    leaf's name words (see `_merge_tree.name_words`). Sharing s0 lets a kernel
+    that needs several streams at once (DARE: one per model) hash the first
+    round once (see `draws`).
     """
     leaf_key = jax.random.fold_in(jax.random.fold_in(key, words[0]), words[1])
-    return jax.random.bits(jax.random.fold_in(leaf_key, stream), (2,), jnp.uint32)
+    s0 = jax.random.bits(leaf_key, (), jnp.uint32)
+    s1 = jax.random.bits(jax.random.fold_in(leaf_key, stream), (), jnp.uint32)
+    return jnp.stack([s0, s1])
 
 
 @partial(jax.jit, static_argnames=("n",))
@@ -114,6 +120,14 @@ def counters(shape, offset, ref=None):
 def draw(ctr, seeds):
     """uint32 draw per counter: mix32(mix32(ctr ^ s0) ^ s1)."""
     return _mix32(_mix32(ctr ^ seeds[0]) ^ seeds[1])
+
+
+def draws(ctr, seeds):
+    """`[draw(ctr, seeds[i]) for i]` for streams of one leaf (`seeds` `[n, 2]`
+    from `leaf_seeds`, which share s0): the first hash round is computed once,
+    so n streams cost n + 1 rounds instead of 2n."""
+    h = _mix32(ctr ^ seeds[0, 0])
+    return [_mix32(h ^ seeds[i, 1]) for i in range(seeds.shape[0])]
 
 
 def _unstack(inputs, stacked: bool):
@@ -291,11 +305,8 @@ def _ties_body(xs, base, ctr, tbits, cuts, weights, scale, *, normalize, poison)
 
 def _dare_deltas(xs, b, ct, ctr, seeds, drop_thr):
     """Per model: (tau_i, keep_i), keep_i true with probability 1 - drop_rate_i."""
-    out = []
-    for i, x in enumerate(xs):
-        keep = draw(ctr, seeds[i]) >= drop_thr[i]
-        out.append((x.astype(ct) - b, keep))
-    return out
+    return [(x.astype(ct) - b, u >= drop_thr[i])
+            for i, (x, u) in enumerate(zip(xs, draws(ctr, seeds)))]
 
 
 def _dare_body(xs, base, ctr, seeds, drop_thr, factors, weights, scale, *, combine,

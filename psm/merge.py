@@ -125,11 +125,13 @@ def leaf_bits(key, name: str, shape: Sequence[int], *, stream: int = 0, offset: 
 
     Draw of the scalar with row-major flat index j:
     `mix32(mix32(c ^ s0) ^ s1)` with c = uint32(offset + j),
-    (s0, s1) = random.bits(fold_in(leaf_key(key, name), stream), (2,), uint32)
-    and mix32 Chris Wellons' lowbias32 hash. `select` uses stream 0 (plain
-    selection compares the 32-bit draw with integer thresholds; resampling uses
-    its top 24 bits as the uniform ((u >> 8) + 0.5) / 2^24); `dare` uses stream i
-    for model i.
+    s0 = random.bits(leaf_key(key, name), (), uint32) (the leaf's word, the same
+    for every stream), s1 = random.bits(fold_in(leaf_key(key, name), stream), (),
+    uint32) and mix32 Chris Wellons' lowbias32 hash. `select` uses stream 0
+    (plain selection compares the 32-bit draw with integer thresholds;
+    resampling uses its top 24 bits as the uniform ((u >> 8) + 0.5) / 2^24);
+    `dare` uses stream i for model i (its K streams share the first hash round,
+    so it is computed once; the tests check that streams are independent).
 
     Args:
         key: typed PRNG key or raw uint32 key.

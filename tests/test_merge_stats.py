@@ -140,7 +140,7 @@ def test_draws_independent_across_positions(lag):
 
 
 @pytest.mark.parametrize("other", [
-    dict(stream=1), dict(name="layers/1/w"), dict(name="layers/0/W"),
+    dict(stream=1), dict(stream=3), dict(name="layers/1/w"), dict(name="layers/0/W"),
     dict(key=jax.random.key(2025)), dict(key=jax.random.fold_in(KEY, 1)),
 ])
 def test_draws_independent_across_streams_leaves_keys(other):
