@@ -44,6 +44,11 @@ def uint_for(dtype) -> np.dtype:
     return np.dtype(np.uint32) if np.dtype(dtype).itemsize == 4 else np.dtype(np.uint64)
 
 
+def int_for(dtype) -> np.dtype:
+    """Signed integer type with the width of a float compute dtype."""
+    return np.dtype(np.int32) if np.dtype(dtype).itemsize == 4 else np.dtype(np.int64)
+
+
 def _mix32(h):
     """Chris Wellons' `lowbias32` integer hash (a bijection on uint32)."""
     h = h ^ (h >> 16)
@@ -260,18 +265,20 @@ def _disjoint_mean(ds, ws, normalize):
     total = ds[0]
     for d in ds[1:]:
         total = total + d
-    one = jnp.ones((), total.dtype)
-    majority = jnp.where(total >= 0, one, -one)
+    # d agrees with the elected sign (+ where total >= 0) iff sign(d) == that
+    # sign: two comparisons and a select, cheaper than jnp.sign; 0 and NaN agree
+    # with neither sign either way.
+    negative = total < 0
     num, den = None, None
     for d, w in zip(ds, ws):
-        agree = jnp.sign(d) == majority
+        agree = jnp.where(negative, d < 0, d > 0)
         nd = jnp.where(agree, d, 0)
         num = nd if num is None else num + nd
         if normalize:
             wd = jnp.where(agree, w, 0)
             den = wd if den is None else den + wd
     if normalize:
-        num = num / jnp.where(den == 0, one, den)
+        num = num / jnp.where(den == 0, jnp.ones((), den.dtype), den)
     return num
 
 
@@ -280,12 +287,18 @@ def magnitude_bits(x, b, ct):
     return lax.bitcast_convert_type(jnp.abs(x.astype(ct) - b.astype(ct)), uint_for(ct))
 
 
-def _ties_body(xs, base, ctr, tbits, cuts, weights, scale, *, normalize, poison):
+def _ties_body(xs, base, ctr, tbits, cuts, weights, scale, *, normalize, poison,
+               by_position=True):
     """TIES with precomputed per-model trim thresholds (ctr: flat index, no offset).
 
-    Model i keeps entry j iff |tau_ij| > t_i, or |tau_ij| == t_i and j < cut_i
-    (ties at the threshold are kept in flat-index order), compared as bit
-    patterns of the non-negative float magnitudes.
+    by_position (default): model i keeps entry j iff |tau_ij| > t_i, or
+    |tau_ij| == t_i and j < cut_i (ties at the threshold are kept in flat-index
+    order), with tbits = t_i and magnitudes compared as the bit patterns of the
+    non-negative floats.
+    by_position=False: tbits are signed strict lower bounds (`strict_bounds`),
+    model i keeps entry j iff signed(bits |tau_ij|) > tbits_i, and cuts are
+    unused: one comparison per model instead of five, for leaves where no
+    threshold splits its ties.
     """
     dtype = xs[0].dtype
     ct = compute_dtype(dtype)
@@ -293,14 +306,46 @@ def _ties_body(xs, base, ctr, tbits, cuts, weights, scale, *, normalize, poison)
     ds = []
     for i, x in enumerate(xs):
         tau = x.astype(ct) - b
-        u = lax.bitcast_convert_type(jnp.abs(tau), uint_for(ct))
-        keep = (u > tbits[i]) | ((u == tbits[i]) & (ctr < cuts[i]))
+        if by_position:
+            u = lax.bitcast_convert_type(jnp.abs(tau), uint_for(ct))
+            keep = (u > tbits[i]) | ((u == tbits[i]) & (ctr < cuts[i]))
+        else:
+            u = lax.bitcast_convert_type(jnp.abs(tau), int_for(ct))
+            keep = u > tbits[i]
         ds.append(jnp.where(keep, tau * weights[i], 0))
     mixed = _disjoint_mean(ds, [weights[i] for i in range(len(xs))], normalize)
     out = b + mixed * scale
     if poison:
         out = out + _poison(xs + [base], ct)
     return out.astype(dtype)
+
+
+def strict_bounds(tbits, cuts):
+    """Signed strict lower bounds equivalent to TIES thresholds (tbits, cuts),
+    `[K]` int32 (int64 for 64-bit tbits), or None if some cut splits the
+    entries tied at a nonzero threshold (then only `by_position` is exact).
+
+    Magnitude bit patterns are at most the largest NaN (sign bit clear), so they
+    compare the same as signed integers. Model i with (t, cut) keeps
+    bits > t - 1 if cut keeps every tie (cut = 2^32 - 1), bits > t if it keeps
+    none (cut = 0), and nothing if t is the all-ones "keep none" pattern. Ties at
+    t = 0 are zero deltas, which change no TIES sum (their sign agrees with
+    neither elected sign), so any cut there is equivalent to keeping bits > 0.
+    """
+    tbits, cuts = np.asarray(tbits), np.asarray(cuts, np.uint32)
+    stype = np.dtype(np.int32) if tbits.dtype.itemsize == 4 else np.dtype(np.int64)
+    out = np.empty(tbits.shape, stype)
+    smax = np.iinfo(stype).max
+    for i, (t, cut) in enumerate(zip(tbits.tolist(), cuts.tolist())):
+        if t > smax:                      # "keep none" (k = 0)
+            out[i] = smax
+        elif cut == 0xFFFFFFFF:           # every tie kept: bits >= t
+            out[i] = t - 1
+        elif cut == 0 or t == 0:          # no tie kept (or only zero deltas tied)
+            out[i] = t
+        else:
+            return None
+    return out
 
 
 def _dare_deltas(xs, b, ct, ctr, seeds, drop_thr):
@@ -394,14 +439,14 @@ def task_arithmetic_kernel(inputs, base, weights, scale, *, stacked, out_shardin
     return _constrain(out, out_sharding)
 
 
-@partial(jax.jit, static_argnames=_STATIC + ("normalize", "poison"))
+@partial(jax.jit, static_argnames=_STATIC + ("normalize", "poison", "by_position"))
 def ties_kernel(inputs, base, tbits, cuts, weights, scale, *, stacked, normalize,
-                out_sharding, poison):
+                out_sharding, poison, by_position=True):
     """TIES with precomputed per-model trim thresholds (see `_ties_body`)."""
     xs = _unstack(inputs, stacked)
     ctr = counters(xs[0].shape, 0, xs[0])
     out = _ties_body(xs, like(base, xs[0]), ctr, tbits, cuts, weights, scale,
-                     normalize=normalize, poison=poison)
+                     normalize=normalize, poison=poison, by_position=by_position)
     return _constrain(out, out_sharding)
 
 

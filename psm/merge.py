@@ -449,15 +449,20 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
     poison = not allow_nonfinite
 
     def kernel(leaf, tbits, cuts, stager):
+        # Most leaves need no tie-break by position: one comparison per model.
+        bounds = K.strict_bounds(tbits, cuts)
+        by_position = bounds is None
+        if not by_position:
+            tbits = bounds
         if _merge_stage.accepts(leaf):
             return stager.add(
                 leaf, "ties", (tbits, cuts, _cast(w, leaf), _cast(scale, leaf)),
-                (("normalize", bool(normalize)), ("poison", poison)), base=leaf.base,
-                check=poison)
+                (("normalize", bool(normalize)), ("poison", poison),
+                 ("by_position", by_position)), base=leaf.base, check=poison)
         return K.ties_kernel(
             leaf.inputs, leaf.base, tbits, cuts, _cast(w, leaf), _cast(scale, leaf),
             stacked=_stacked(leaf), normalize=bool(normalize),
-            out_sharding=leaf.out_sharding, poison=poison)
+            out_sharding=leaf.out_sharding, poison=poison, by_position=by_position)
 
     # Thresholds for all leaves (a pipeline over leaves); each leaf's merge pass
     # is dispatched (or queued on the stager) as soon as its thresholds are known.

@@ -343,6 +343,48 @@ def test_ties_exact_against_brute_force(dtype, scope):
                                    rtol=1e-6 if dtype == np.float32 else 1e-2, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ties_strict_bounds_match_position_tie_break(dtype):
+    """The one-comparison kernel (signed strict bounds) keeps exactly what the
+    position tie-break keeps, for every kind of (threshold, cut) it accepts,
+    on data full of exact ties and zero deltas."""
+    rng = np.random.default_rng(5)
+    n = 4096
+    base = rng.standard_normal(n).astype(dtype)
+    # Deltas from a few values (many exact magnitude ties), 30% exactly zero.
+    deltas = rng.choice(np.array([0.5, 0.25, 0.125, 0.0625], dtype), size=(3, n))
+    deltas *= rng.choice([-1, 1], size=(3, n)) * (rng.random((3, n)) < 0.7)
+    xs = tuple(jnp.asarray(base + d) for d in deltas)
+    utype = _merge_kernels.uint_for(dtype)
+    bits = lambda v: np.asarray([v], dtype).view(utype)[0]
+    none = np.iinfo(utype).max
+    cut_all = 0xFFFFFFFF
+    cases = [  # (t, cut) per model
+        [(bits(0.25), cut_all), (bits(0.125), 0), (bits(0.0), 1234)],
+        [(bits(0.0), cut_all), (none, 0), (bits(0.5), cut_all)],
+        [(bits(0.0625), 0), (bits(0.0), 0), (bits(0.7), cut_all)],
+    ]
+    w = np.asarray([0.5, 1.0, 2.0], dtype)
+    with jax.enable_x64(dtype == np.float64):
+        for case in cases:
+            tbits = np.asarray([t for t, _ in case], utype)
+            cuts = np.asarray([c for _, c in case], np.uint32)
+            bounds = _merge_kernels.strict_bounds(tbits, cuts)
+            assert bounds is not None
+            for normalize in (True, False):
+                args = dict(stacked=False, normalize=normalize, out_sharding=None,
+                            poison=True)
+                ref = _merge_kernels.ties_kernel(xs, jnp.asarray(base), tbits, cuts, w,
+                                                 dtype(1), **args)
+                got = _merge_kernels.ties_kernel(xs, jnp.asarray(base), bounds, cuts, w,
+                                                 dtype(1), by_position=False, **args)
+                np.testing.assert_array_equal(np.asarray(got).view(utype),
+                                              np.asarray(ref).view(utype))
+    # A cut inside the ties at a nonzero threshold needs the positions.
+    assert _merge_kernels.strict_bounds(np.asarray([bits(0.25)], utype),
+                                        np.asarray([7], np.uint32)) is None
+
+
 def test_ties_bracket_miss_falls_back_to_exact(monkeypatch):
     rng = np.random.default_rng(4)
     base = {"w": rng.standard_normal((_merge_trim.EXACT // 100 + 1, 101)).astype(np.float32)}
