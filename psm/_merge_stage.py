@@ -67,7 +67,7 @@ def host_empty(size: int, dtype) -> np.ndarray:
     return raw[skip:skip + nbytes].view(dtype)
 
 
-def _host_device(x):
+def host_device(x):
     """The CPU device of a single-device host array, or None if x is not one."""
     if isinstance(x, np.ndarray):
         return jax.devices("cpu")[0]
@@ -88,7 +88,7 @@ def accepts(leaf) -> bool:
     arrays = [leaf.stacked] if leaf.xs is None else list(leaf.xs)
     if leaf.base is not None:
         arrays.append(leaf.base)
-    devices = {_host_device(a) for a in arrays}
+    devices = {host_device(a) for a in arrays}
     if len(devices) != 1 or None in devices:
         return False
     return True
@@ -178,7 +178,7 @@ class Stager:
     def add(self, leaf, body: str, args: tuple = (), static: tuple = (), *, base=None,
             offset: int = 0, check: bool = True) -> Job:
         """Queues the merge of one accepted leaf; returns its Job (done after `run`)."""
-        device = _host_device(leaf.stacked if leaf.xs is None else leaf.xs[0])
+        device = host_device(leaf.stacked if leaf.xs is None else leaf.xs[0])
         def put(a):  # numpy operands become device arrays once, not once per chunk
             return a if isinstance(a, jax.Array) else jax.device_put(a, device)
 

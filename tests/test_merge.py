@@ -385,6 +385,32 @@ def test_ties_strict_bounds_match_position_tie_break(dtype):
                                         np.asarray([7], np.uint32)) is None
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float64])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_ties_host_sample_equals_device_sample(dtype, stacked):
+    """Host-resident leaves are sampled by numpy: the same bits as the XLA kernel."""
+    rng = np.random.default_rng(8)
+    shape = (_merge_trim.EXACT // 64 + 3, 96)
+    base = {"w": rng.standard_normal(shape).astype(dtype)}
+    models = [{"w": (rng.standard_normal(shape) * 0.1 + base["w"]).astype(dtype)}
+              for _ in range(3)]
+    if stacked:
+        models = {"w": np.stack([m["w"] for m in models])}
+    with jax.enable_x64(dtype == np.float64):
+        prep = M._prepare(models, base, need_base=True)
+        (leaf,) = prep.leaves
+        host = _merge_trim._host_views(leaf)
+        assert host is not None
+        rows = _merge_trim._positions(leaf.size // 32, 512)
+        got = _merge_trim._host_block_sample(*host, rows, 32)
+        want = np.asarray(_merge_kernels.block_sample_bits_kernel(
+            leaf.inputs, leaf.base, rows, stacked=stacked, block=32))
+    np.testing.assert_array_equal(got, want)
+    # Non-contiguous host arrays take the device path.
+    leaf_t = dataclasses.replace(leaf, base=np.asarray(leaf.base).T)
+    assert _merge_trim._host_views(leaf_t) is None
+
+
 def test_ties_bracket_miss_falls_back_to_exact(monkeypatch):
     rng = np.random.default_rng(4)
     base = {"w": rng.standard_normal((_merge_trim.EXACT // 100 + 1, 101)).astype(np.float32)}
@@ -603,6 +629,22 @@ def test_sharded_inputs_give_bit_identical_results():
         _assert_trees_identical(got2[method], ref[method])
         for leaf in jax.tree.leaves(got2[method]):
             assert leaf.sharding.is_equivalent_to(NamedSharding(mesh2, P(None, "x")), 2)
+
+
+def test_ties_sampled_search_same_on_sharded_and_host_leaves():
+    """Above the exact-solve size TIES samples and gathers with numpy for host
+    leaves and with XLA for sharded ones: the results are the same bits."""
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(6)
+    base = {"w": rng.standard_normal((_merge_trim.EXACT // 256 + 8, 256)).astype(np.float32)}
+    models = [_finetune(rng, base) for _ in range(3)]
+    sh = NamedSharding(jax.make_mesh((8,), ("x",)), P("x", None))
+    put = lambda t: jax.tree.map(lambda x: jax.device_put(x, sh), t)  # noqa: E731
+    assert _merge_trim._host_views(M._prepare([put(m) for m in models], put(base),
+                                              need_base=True).leaves[0]) is None
+    want = M.ties(models, base, [0.2, 0.5, 0.05])
+    got = M.ties([put(m) for m in models], put(base), [0.2, 0.5, 0.05])
+    _assert_trees_identical(got, want)
 
 
 # ---- chunked (staged) merging of host-resident leaves ------------------------------------
