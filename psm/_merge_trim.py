@@ -27,6 +27,7 @@ exactly k entries are kept.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -266,21 +267,30 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
             # bracket's width (~1/sqrt(size)) times n: small tensors take less.
             size = min(SAMPLE, max(SAMPLE_MIN, n // SAMPLE_SHARE))
             rows = _positions(n // BLOCK, min(size // BLOCK, n // BLOCK))
-            host = job.host = _host_views(leaf)
-            if host is None:
+            if _host_views(leaf) is not None:
+                # numpy operands go to the CPU device once: the label pass and
+                # the caller's merge pass (on_ready gets this leaf) share them.
+                leaf = job.leaf = _merge_stage.on_device(leaf)
+                job.host = _host_views(leaf)
+                job.pending = functools.partial(_host_block_sample, *job.host, rows, BLOCK)
+            else:
                 job.pending = K.block_sample_bits_kernel(
                     leaf.inputs, leaf.base, rows, stacked=leaf.xs is None, block=BLOCK)
-            else:  # taken when its bracket is computed (below)
-                job.pending = functools.partial(_host_block_sample, *host, rows, BLOCK)
             jobs.append(job)
     # Brackets from the samples, then the labelling passes. A helper thread
-    # decodes each leaf's labels (counts and inside positions: numpy, which
-    # releases the GIL) and starts the gather of its inside values, while this
-    # thread computes the next brackets and solves the earlier leaves; each
+    # decodes each leaf's labels (counts and inside positions) and gathers its
+    # inside values (numpy, which releases the GIL), while this thread computes
+    # the next brackets and solves the leaves the helper has finished; each
     # solved leaf goes to on_ready at once, so merge passes start early.
     x64 = bool(jax.config.jax_enable_x64)  # thread-local: the helper must share it
     with concurrent.futures.ThreadPoolExecutor(1, "psm-ties-decode") as pool:
-        decoded = []
+        labelled = collections.deque()
+
+        def solve(job, done):
+            done.result()
+            _solve_job(job)
+            on_ready(job.leaf, job.tbits, job.cuts)
+
         for job in jobs:
             n = job.leaf.size
             sample = job.pending() if callable(job.pending) else np.asarray(job.pending)
@@ -293,11 +303,11 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
                 lo[i], hi[i] = _bracket_uniform(sample[i], n / sample.shape[1], job.ks[i],
                                                 var, nonebits, sub)
             job.pending = _label_dispatch(job.leaf, job.leaf.base, lo, hi, job.todo)
-            decoded.append(pool.submit(_decode_and_gather, job, k_models, x64))
-        for job, done in zip(jobs, decoded):
-            done.result()
-            _solve_job(job)
-            on_ready(job.leaf, job.tbits, job.cuts)
+            labelled.append((job, pool.submit(_decode_and_gather, job, k_models, x64)))
+            while labelled and labelled[0][1].done():
+                solve(*labelled.popleft())
+        while labelled:
+            solve(*labelled.popleft())
     return out
 
 

@@ -774,6 +774,27 @@ def test_staged_ties_on_large_tensors_is_exact(monkeypatch):
             np.testing.assert_array_equal(np.asarray(got[n]), ref[n], err_msg=n)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float64])
+@pytest.mark.parametrize("layout", ["numpy", "jax", "stacked"])
+def test_sampled_ties_search_is_exact_for_every_layout(dtype, layout):
+    """The sampled search on host leaves (numpy inputs copied to the device once
+    and shared by the label and merge passes; K = 5 needs two label groups)
+    equals brute force."""
+    rng = np.random.default_rng(13)
+    shape = (_merge_trim.EXACT // 256 + 7, 300)
+    base = {"w": rng.standard_normal(shape).astype(dtype)}
+    models = [{"w": (np.asarray(base["w"], np.float32) + 0.01 * rng.standard_normal(shape)
+                     * (rng.random(shape) < 0.7)).astype(dtype)} for _ in range(5)]
+    dens, w = [0.1, 0.35, 0.6, 0.02, 0.2], [0.5, 1.0, 2.0, 1.0, 0.3]
+    with jax.enable_x64(dtype == np.float64):  # jax arrays of float64
+        given = {"numpy": lambda: models,
+                 "jax": lambda: [jax.tree.map(jnp.asarray, m) for m in models],
+                 "stacked": lambda: _stack(models)}[layout]()
+        got = M.ties(given, base, dens, w)
+    ref = _ties_reference(models, base, dens, w)
+    np.testing.assert_array_equal(np.asarray(got["w"]), ref["w"])
+
+
 # ---- validation -------------------------------------------------------------------------
 
 @pytest.fixture()
