@@ -362,7 +362,8 @@ def _dare_body(xs, base, ctr, seeds, drop_thr, factors, weights, scale, *, combi
     ct = compute_dtype(dtype)
     b = base.astype(ct)
     pairs = _dare_deltas(xs, b, ct, ctr, seeds, drop_thr)
-    ds = [jnp.where(k, t * factors[i], 0) * weights[i] for i, (t, k) in enumerate(pairs)]
+    # factor_i * w_i folded into one multiplier: one multiplication per model.
+    ds = [jnp.where(k, t, 0) * (factors[i] * weights[i]) for i, (t, k) in enumerate(pairs)]
     if combine == "ties":
         mixed = _disjoint_mean(ds, [weights[i] for i in range(len(xs))], normalize)
     else:
