@@ -17,6 +17,11 @@ the k-th largest magnitude exactly with two linear passes:
    counts the labels and gathers the few entries inside, where
    `np.partition` finds the exact threshold.
 
+For host-resident leaves (numpy, or `jax.Array`s on one CPU device) numpy takes
+the sample and gathers the inside values, reading the arrays in place: both are
+bound by memory latency, and XLA keeps its threads busy waiting where numpy
+uses one; sharded or accelerator leaves use XLA kernels for both (same bits).
+
 If the bracket misses (a check on the exact counts), the group falls back to a
 full host-side `np.partition`, so the result is always exact. Magnitudes are
 compared as the bit patterns of non-negative floats (same order as the values).
