@@ -80,21 +80,6 @@ def host_device(x):
     return dev if dev.platform == "cpu" else None
 
 
-def on_device(leaf):
-    """The leaf with its numpy operands (inputs, base) copied to the CPU device,
-    so that several kernels can share one copy (jax copies a numpy argument on
-    every call); jax arrays are kept as they are."""
-    device = host_device(leaf.stacked if leaf.xs is None else leaf.xs[0])
-
-    def put(a):
-        return a if a is None or isinstance(a, jax.Array) else jax.device_put(a, device)
-
-    with x64_if_needed(leaf.dtype):
-        return dataclasses.replace(
-            leaf, xs=None if leaf.xs is None else tuple(put(x) for x in leaf.xs),
-            stacked=put(leaf.stacked), base=put(leaf.base))
-
-
 def accepts(leaf) -> bool:
     """Whether the leaf is merged here: host-resident inputs (and base) on one
     CPU device, at least MIN_SIZE scalars (below 2^31, for int32 chunk starts)."""

@@ -272,11 +272,8 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
             # bracket's width (~1/sqrt(size)) times n: small tensors take less.
             size = min(SAMPLE, max(SAMPLE_MIN, n // SAMPLE_SHARE))
             rows = _positions(n // BLOCK, min(size // BLOCK, n // BLOCK))
-            if _host_views(leaf) is not None:
-                # numpy operands go to the CPU device once: the label pass and
-                # the caller's merge pass (on_ready gets this leaf) share them.
-                leaf = job.leaf = _merge_stage.on_device(leaf)
-                job.host = _host_views(leaf)
+            job.host = _host_views(leaf)
+            if job.host is not None:  # taken when its bracket is computed (below)
                 job.pending = functools.partial(_host_block_sample, *job.host, rows, BLOCK)
             else:
                 job.pending = K.block_sample_bits_kernel(

@@ -777,9 +777,8 @@ def test_staged_ties_on_large_tensors_is_exact(monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float64])
 @pytest.mark.parametrize("layout", ["numpy", "jax", "stacked"])
 def test_sampled_ties_search_is_exact_for_every_layout(dtype, layout):
-    """The sampled search on host leaves (numpy inputs copied to the device once
-    and shared by the label and merge passes; K = 5 needs two label groups)
-    equals brute force."""
+    """The sampled search on host leaves (numpy samples and gathers; K = 5 needs
+    two label groups) equals brute force for every input layout."""
     rng = np.random.default_rng(13)
     shape = (_merge_trim.EXACT // 256 + 7, 300)
     base = {"w": rng.standard_normal(shape).astype(dtype)}
