@@ -84,7 +84,11 @@ def _hostile_cases(victim, victim_dir):
                                  "import subprocess\nsubprocess.run(['true'])\n",
         "os_system": "    import os\n    os.system('sleep 100')\n",
         "memory_bomb": "    x = bytearray(1 << 40)\n",
-        "memory_growth": "    a = []\n    while True:\n        a.append(bytearray(1 << 24))\n",
+        # bytes(n) maps zeroed pages without touching them, so the address-space
+        # limit stops it at once; a bytearray would first write every page, and a
+        # VM that backs fresh memory slowly (~100 MB/s seen) can take longer than
+        # the timeout to reach the limit.
+        "memory_growth": "    a = []\n    while True:\n        a.append(bytes(1 << 24))\n",
         "delete_outside": f"import os\nos.remove({victim!r})\n",
         "delete_outside_posix": f"import posix\nposix.unlink({victim!r})\n",
         "rmtree_outside": f"import shutil\nshutil.rmtree({victim_dir!r})\n",
