@@ -45,7 +45,8 @@ def uint_for(dtype) -> np.dtype:
 
 
 def int_for(dtype) -> np.dtype:
-    """Signed integer type with the width of a float compute dtype."""
+    """Signed integer type with the width (4 or 8 bytes) of a compute dtype or its
+    unsigned twin."""
     return np.dtype(np.int32) if np.dtype(dtype).itemsize == 4 else np.dtype(np.int64)
 
 
@@ -333,7 +334,7 @@ def strict_bounds(tbits, cuts):
     neither elected sign), so any cut there is equivalent to keeping bits > 0.
     """
     tbits, cuts = np.asarray(tbits), np.asarray(cuts, np.uint32)
-    stype = np.dtype(np.int32) if tbits.dtype.itemsize == 4 else np.dtype(np.int64)
+    stype = int_for(tbits.dtype)
     out = np.empty(tbits.shape, stype)
     smax = np.iinfo(stype).max
     for i, (t, cut) in enumerate(zip(tbits.tolist(), cuts.tolist())):

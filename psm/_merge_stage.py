@@ -85,10 +85,7 @@ def accepts(leaf) -> bool:
     CPU device, at least MIN_SIZE scalars (below 2^31, for int32 chunk starts)."""
     if not max(MIN_SIZE, CHUNK) <= leaf.size < 2**31:
         return False
-    arrays = [leaf.stacked] if leaf.xs is None else list(leaf.xs)
-    if leaf.base is not None:
-        arrays.append(leaf.base)
-    devices = {host_device(a) for a in arrays}
+    devices = {host_device(a) for a in leaf.arrays}
     if len(devices) != 1 or None in devices:
         return False
     return True
@@ -178,7 +175,7 @@ class Stager:
     def add(self, leaf, body: str, args: tuple = (), static: tuple = (), *, base=None,
             offset: int = 0, check: bool = True) -> Job:
         """Queues the merge of one accepted leaf; returns its Job (done after `run`)."""
-        device = host_device(leaf.stacked if leaf.xs is None else leaf.xs[0])
+        device = host_device(leaf.arrays[0])
         def put(a):  # numpy operands become device arrays once, not once per chunk
             return a if isinstance(a, jax.Array) else jax.device_put(a, device)
 

@@ -112,6 +112,13 @@ class LeafInputs:
         """What the kernels take: the K-tuple, or the stacked array."""
         return self.stacked if self.xs is None else self.xs
 
+    @property
+    def arrays(self) -> list:
+        """Every operand array: the stacked one (or the K inputs), then the base
+        if set."""
+        out = [self.stacked] if self.xs is None else list(self.xs)
+        return out if self.base is None else out + [self.base]
+
     def model(self, i: int):
         """Model i's array of this leaf (a slice for stacked inputs)."""
         return self.stacked[i] if self.xs is None else self.xs[i]

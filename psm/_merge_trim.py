@@ -317,11 +317,9 @@ def _host_views(leaf):
     """(K flat numpy views of the inputs, flat view of the base, compute dtype)
     when the leaf's inputs and base are C-contiguous arrays in host memory
     (numpy, or `jax.Array`s on one CPU device: no copy), else None."""
-    arrays = [leaf.stacked] if leaf.xs is None else list(leaf.xs)
-    arrays.append(leaf.base)
-    if any(_merge_stage.host_device(a) is None for a in arrays):
+    if any(_merge_stage.host_device(a) is None for a in leaf.arrays):
         return None
-    views = [np.asarray(a) for a in arrays]
+    views = [np.asarray(a) for a in leaf.arrays]
     if not all(v.flags.c_contiguous for v in views):
         return None
     xs = list(views[0].reshape(len(views[0]), -1)) if leaf.xs is None else [
