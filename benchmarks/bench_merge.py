@@ -28,6 +28,7 @@ process would recycle.
 
     python benchmarks/bench_merge.py                 # K = 4 x 50M params, 16 leaves
     python benchmarks/bench_merge.py --params=5e6    # quick smoke run
+    python benchmarks/bench_merge.py --numpy-inputs  # + rows for numpy input trees
 """
 
 from __future__ import annotations
@@ -199,6 +200,10 @@ def main():
     ap.add_argument("--fresh-pages", action="store_true",
                     help="mmap every allocation >= 1 MiB, so every result gets fresh pages "
                          "(a one-off merge) instead of possibly reusing freed ones")
+    ap.add_argument("--numpy-inputs", action="store_true",
+                    help="also time average, resampling and TIES on numpy copies of the "
+                         "inputs (a separate run: the copies change the process's memory "
+                         "state, and with it the other rows)")
     args = ap.parse_args()
     fresh = args.fresh_pages and _fresh_pages_for_large_allocations()
     k, key = args.k, jax.random.key(1)
@@ -223,6 +228,17 @@ def main():
         ("dare p=0.5 ties+l1", lambda: M.dare(models, base, 0.5, key=key, rescale="l1",
                                               combine="ties"), k + 1, None),
     ]
+    if args.numpy_inputs:
+        # The same models as numpy arrays, as a checkpoint loader returns them
+        # (fresh arrays: not 64-byte aligned, so XLA cannot use them whole in place).
+        np_models = [{name: np.array(x) for name, x in m.items()} for m in models]
+        np_base = {name: np.array(x) for name, x in base.items()}
+        cases += [
+            ("average (numpy in)", lambda: M.average(np_models), k, None),
+            ("select r=3 (numpy in)", lambda: M.select(np_models, key=key, base=np_base,
+                                                       resample=3), k + 1, None),
+            ("ties 0.2 (numpy in)", lambda: M.ties(np_models, np_base, 0.2), k + 1, None),
+        ]
     # Memory: one call of each method after a reset of the peak RSS; the extra
     # peak over the RSS before the call is the merge's working memory.
     for name, fn, _, _ in cases:
@@ -300,6 +316,9 @@ def main():
     print(f"model size {model_bytes / _MB:.0f} MB; inputs (K models + base) "
           f"{(k + 1) * model_bytes / _MB:.0f} MB; a stacked [K, ...] copy of the models "
           f"would add {k * model_bytes / _MB:.0f} MB")
+    if args.numpy_inputs:
+        print("(numpy in): the same inputs as fresh numpy arrays (a second copy, so the "
+              "process holds both).")
     print(f"process peak RSS: {rss_inputs:.0f} MB after building the inputs, "
           f"{_rss_mb():.0f} MB at the end (includes the copy benchmark's buffers)")
 

@@ -494,9 +494,10 @@ BODIES = {
 _CPU_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 
-@partial(jax.jit, static_argnames=("body", "stacked", "chunk", "static"),
+@partial(jax.jit, static_argnames=("body", "stacked", "chunk", "static", "sliced"),
          donate_argnums=0, keep_unused=True, compiler_options=_CPU_OPTIONS)
-def chunk_kernel(stage, inputs, base, start, offset, args, *, body, stacked, chunk, static):
+def chunk_kernel(stage, inputs, base, start, offset, args, *, body, stacked, chunk, static,
+                 sliced=False):
     """Scalars [start, start + chunk) of one leaf (row-major) through BODIES[body].
 
     Args:
@@ -512,19 +513,24 @@ def chunk_kernel(stage, inputs, base, start, offset, args, *, body, stacked, chu
         stacked: whether inputs is one `[K, ...]` array.
         chunk: chunk length (static).
         static: the body's static options as a tuple of (name, value) pairs.
+        sliced: inputs (a K-tuple) and base are the chunk's `[chunk]` scalars
+            already, not whole leaves.
 
     Returns:
         `[chunk]` merged values (uint8 labels for the "code" body).
     """
     del stage
-    if stacked:
-        flat = inputs.reshape(inputs.shape[0], -1)
-        block = lax.dynamic_slice(flat, (jnp.zeros_like(start), start),
-                                  (flat.shape[0], chunk))
-        xs = [block[i] for i in range(flat.shape[0])]
+    if sliced:
+        xs, b = list(inputs), base
     else:
-        xs = [lax.dynamic_slice(x.reshape(-1), (start,), (chunk,)) for x in inputs]
-    b = None if base is None else lax.dynamic_slice(base.reshape(-1), (start,), (chunk,))
+        if stacked:
+            flat = inputs.reshape(inputs.shape[0], -1)
+            block = lax.dynamic_slice(flat, (jnp.zeros_like(start), start),
+                                      (flat.shape[0], chunk))
+            xs = [block[i] for i in range(flat.shape[0])]
+        else:
+            xs = [lax.dynamic_slice(x.reshape(-1), (start,), (chunk,)) for x in inputs]
+        b = None if base is None else lax.dynamic_slice(base.reshape(-1), (start,), (chunk,))
     ctr = lax.iota(jnp.uint32, chunk) + (start.astype(jnp.uint32) + offset)
     return BODIES[body](xs, b, ctr, *args, **dict(static))
 

@@ -21,6 +21,17 @@ Chunks are consecutive row-major scalars; the last chunk of a leaf is moved
 back to end at the leaf's end (it overlaps its predecessor and recomputes the
 same values), so every chunk has the same static length and a leaf compiles
 one chunk kernel.
+
+numpy operands are passed to XLA chunk by chunk, as views. XLA uses host memory
+in place only where it is 64-byte aligned, and numpy's large arrays are not
+(malloc puts them 16 bytes past a page boundary): passed whole, every operand
+would be copied into fresh memory for each merge (page faults included: an
+`average` of numpy inputs took ~4x as long as of the same jax arrays). So the
+chunk grid is laid on the first operand's aligned scalars, with a MINI-scalar
+chunk for the few scalars before the grid and another after it; every chunk
+view of an operand with the same alignment is then a zero-copy argument, and a
+full chunk view that is still misaligned is copied into a recycled aligned
+staging buffer that stays in cache.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ CHUNK = 1 << 19     # scalars per chunk (2 MiB of float32: staging stays in L2/L
 MIN_SIZE = 1 << 19  # smaller leaves (one chunk or less) are merged by one kernel call
 DEPTH = 2           # chunks in flight (dispatched, not yet copied out)
 _HUGE = 2 << 20     # huge page size on x86-64 and aarch64 (4 KiB base pages)
+ALIGN = 64          # bytes: XLA on CPU uses host memory in place only at this alignment
+MINI = 64           # scalars per chunk before / after the aligned grid of numpy views
 
 
 @contextlib.contextmanager
@@ -107,6 +120,47 @@ def finite(v: np.ndarray) -> bool:
     return bool(np.isfinite(v.astype(np.float32) if v.dtype.itemsize < 4 else v).all())
 
 
+def numpy_views(leaf, base) -> tuple | None:
+    """Flat numpy views of a host leaf's operands (the K inputs, then the base or
+    None) if any of them is a numpy array, else None (jax arrays are used whole,
+    in place). A `jax.Array` on the CPU gives a zero-copy view."""
+    if not any(isinstance(a, np.ndarray) for a in leaf.arrays + [base]):
+        return None
+    k = len(leaf.xs) if leaf.xs is not None else leaf.stacked.shape[0]
+    views = tuple(np.asarray(leaf.model(i)).reshape(-1) for i in range(k))
+    return views + (None if base is None else np.asarray(base).reshape(-1),)
+
+
+def chunk_grid(n: int, views=None) -> list:
+    """(flat start, length) of the chunks covering n scalars: CHUNK-scalar chunks,
+    the last one moved back to end at n (it recomputes some of its predecessor's
+    scalars, with the same bits), so that a leaf compiles one chunk kernel.
+
+    With numpy `views` (see `numpy_views`) the CHUNK grid is laid on the first
+    operand's ALIGN-aligned scalars, the last chunk moved back to the last
+    aligned start that fits, and MINI-scalar chunks at either end cover the
+    scalars outside it: chunk views of every operand aligned like the first
+    are then zero-copy kernel arguments.
+    """
+    plain = [(min(start, n - CHUNK), CHUNK) for start in range(0, n, CHUNK)]
+    if views is None:
+        return plain
+    item = views[0].itemsize
+    per_align, skip = ALIGN // item, (-views[0].ctypes.data) % ALIGN
+    mini = min(MINI, CHUNK)
+    if skip % item or CHUNK % per_align or mini < per_align:
+        return plain  # no aligned grid: misaligned views are copied
+    first = skip // item
+    last = n - CHUNK - (n - CHUNK - first) % per_align  # last aligned start that fits
+    if last < first:
+        return plain
+    out = [(0, mini)] if first else []
+    out += [(start, CHUNK) for start in range(first, last, CHUNK)] + [(last, CHUNK)]
+    if last + CHUNK < n:  # fewer than per_align scalars left
+        out.append((n - mini, mini))
+    return out
+
+
 @dataclasses.dataclass
 class Job:
     """One leaf merged by `Stager`.
@@ -114,7 +168,11 @@ class Job:
     Attributes:
         leaf: the `_merge_tree.LeafInputs`.
         device: its CPU device.
-        inputs, base: the kernel operands as jax arrays on `device`.
+        inputs, base: the kernel operands as jax arrays on `device` (None when
+            `views` is set).
+        views: for leaves with numpy operands, every operand as a flat numpy
+            array (the K inputs, then the base or None), passed to the kernel
+            chunk by chunk.
         body: key of `_merge_kernels.BODIES`.
         args: the body's array arguments.
         static: the body's static options, (name, value) pairs.
@@ -122,8 +180,7 @@ class Job:
         out: flat host array receiving the result.
         check: check the result for NaN/inf.
         finite: whether every chunk was finite (when check).
-        pending: chunks not yet copied out; the operands are released at 0 (numpy
-            inputs were copied to the device for the kernels).
+        pending: chunks not yet copied out; the operands are released at 0.
     """
 
     leaf: Any
@@ -136,13 +193,13 @@ class Job:
     offset: int
     out: np.ndarray
     check: bool
+    views: tuple | None = None
     finite: bool = True
     pending: int = 0
 
     def chunks(self):
-        """Flat start of every chunk (the last one moved back to end at the end)."""
-        n = self.leaf.size
-        return [min(start, n - CHUNK) for start in range(0, n, CHUNK)]
+        """(flat start, length) of every chunk (see `chunk_grid`)."""
+        return chunk_grid(self.leaf.size, self.views)
 
     def result(self):
         """The merged leaf: read-only numpy for numpy inputs, else a jax.Array
@@ -171,20 +228,18 @@ class Stager:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pool: dict[tuple, list] = collections.defaultdict(list)
+        self._host_pool: dict[np.dtype, list] = collections.defaultdict(list)
 
     def add(self, leaf, body: str, args: tuple = (), static: tuple = (), *, base=None,
             offset: int = 0, check: bool = True) -> Job:
         """Queues the merge of one accepted leaf; returns its Job (done after `run`)."""
         device = host_device(leaf.arrays[0])
-        def put(a):  # numpy operands become device arrays once, not once per chunk
-            return a if isinstance(a, jax.Array) else jax.device_put(a, device)
-
-        with x64_if_needed(leaf.dtype):
-            inputs = put(leaf.stacked) if leaf.xs is None else tuple(put(x) for x in leaf.xs)
-            base = None if base is None else put(base)
+        inputs, views = leaf.inputs, numpy_views(leaf, base)
+        if views is not None:  # sliced per chunk
+            inputs = base = None
         job = Job(leaf=leaf, device=device, inputs=inputs, base=base, body=body,
                   args=tuple(args), static=tuple(static), offset=int(offset),
-                  out=host_empty(leaf.size, leaf.dtype), check=check)
+                  out=host_empty(leaf.size, leaf.dtype), check=check, views=views)
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="psm-merge-stage",
                                             daemon=True)
@@ -225,10 +280,10 @@ class Stager:
         try:
             job = self._queue.get()
             while job is not _DONE:
-                starts = job.chunks()
-                job.pending = len(starts)
-                for start in starts:
-                    flight.append((job, start, self._dispatch(job, start)))
+                chunks = job.chunks()
+                job.pending = len(chunks)
+                for start, size in chunks:
+                    flight.append((job, start, *self._dispatch(job, start, size)))
                     if len(flight) >= DEPTH:
                         self._consume(*flight.popleft())
                 try:
@@ -244,26 +299,54 @@ class Stager:
             while self._queue.get() is not _DONE:
                 pass
 
-    def _buffer(self, job):
-        pool = self._pool[(job.device, job.out.dtype)]
+    def _buffer(self, job, size):
+        pool = self._pool[(job.device, job.out.dtype, size)]
         if pool:
             return pool.pop()
-        return jnp.zeros(CHUNK, job.out.dtype, device=job.device)
+        return jnp.zeros(size, job.out.dtype, device=job.device)
 
-    def _dispatch(self, job, start):
+    def _chunk_views(self, job, start, size):
+        """The chunk's numpy operands: views, except that a misaligned view of a
+        full chunk is copied into a recycled aligned staging buffer (XLA would
+        copy it into fresh memory). Returns (operands, borrowed staging buffers)."""
+        ops, borrowed = [], []
+        for v in job.views:
+            if v is None:
+                ops.append(None)
+                continue
+            piece = v[start:start + size]
+            if piece.ctypes.data % ALIGN and size == CHUNK:
+                pool = self._host_pool[piece.dtype]
+                buf = pool.pop() if pool else host_empty(CHUNK, piece.dtype)
+                np.copyto(buf, piece)
+                borrowed.append(buf)
+                piece = buf
+            ops.append(piece)
+        return ops, borrowed
+
+    def _dispatch(self, job, start, size):
+        """Starts one chunk; returns (result, borrowed staging buffers)."""
         with x64_if_needed(job.leaf.dtype):
-            return K.chunk_kernel(self._buffer(job), job.inputs, job.base, np.int32(start),
-                                  np.uint32(job.offset), job.args, body=job.body,
-                                  stacked=job.leaf.xs is None, chunk=CHUNK,
-                                  static=job.static)
+            if job.views is None:
+                inputs, base, borrowed, stacked = job.inputs, job.base, [], job.leaf.xs is None
+            else:
+                ops, borrowed = self._chunk_views(job, start, size)
+                inputs, base, stacked = tuple(ops[:-1]), ops[-1], False
+            res = K.chunk_kernel(self._buffer(job, size), inputs, base, np.int32(start),
+                                 np.uint32(job.offset), job.args, body=job.body,
+                                 stacked=stacked, chunk=size, static=job.static,
+                                 sliced=job.views is not None)
+        return res, borrowed
 
-    def _consume(self, job, start, res):
+    def _consume(self, job, start, res, borrowed):
         v = np.asarray(res)
-        np.copyto(job.out[start:start + CHUNK], v)
+        np.copyto(job.out[start:start + len(v)], v)
         if job.check and job.finite:
             job.finite = finite(v)
         del v  # no host view may outlive the buffer's next donation
-        self._pool[(job.device, job.out.dtype)].append(res)
+        self._pool[(job.device, job.out.dtype, res.shape[0])].append(res)
+        for buf in borrowed:  # the chunk is computed: its staged operands are free
+            self._host_pool[buf.dtype].append(buf)
         job.pending -= 1
         if not job.pending:
-            job.inputs = job.base = job.args = None
+            job.inputs = job.base = job.args = job.views = None

@@ -38,6 +38,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from psm import _merge_kernels as K
@@ -394,12 +395,38 @@ def _solve_job_exact(job):
 
 
 def _label_dispatch(leaf, base, lo, hi, models):
-    """Starts the labelling passes of one leaf: [(group, packed uint8 array)]."""
+    """Starts the labelling passes of one leaf: [(group, packed labels)], the
+    labels a uint8 array, or [(start, uint8 chunk)] for host leaves with numpy
+    operands (labelled chunk by chunk, so that XLA reads the numpy memory in
+    place rather than copying every operand: see `_merge_stage`)."""
+    views = _merge_stage.numpy_views(leaf, base) if _merge_stage.accepts(leaf) else None
     out = []
-    for start in range(0, len(models), 4):
-        group = tuple(int(i) for i in models[start:start + 4])
-        out.append((group, K.code_kernel(leaf.inputs, base, lo, hi, stacked=leaf.xs is None,
-                                         models=group)))
+    for first in range(0, len(models), 4):
+        group = tuple(int(i) for i in models[first:first + 4])
+        if views is None:
+            out.append((group, K.code_kernel(leaf.inputs, base, lo, hi,
+                                             stacked=leaf.xs is None, models=group)))
+            continue
+        chunks, device = [], _merge_stage.host_device(leaf.arrays[0])
+        for start, size in _merge_stage.chunk_grid(leaf.size, views):
+            ops = [None if v is None else v[start:start + size] for v in views]
+            stage = jnp.zeros(size, jnp.uint8, device=device)  # commits the kernel to it
+            chunks.append((start, K.chunk_kernel(
+                stage, tuple(ops[:-1]), ops[-1], np.int32(start),
+                np.uint32(0), (lo, hi), body="code", stacked=False, chunk=size,
+                static=(("models", group),), sliced=True)))
+        out.append((group, chunks))
+    return out
+
+
+def _labels(leaf, packed) -> np.ndarray:
+    """The flat uint8 labels of one group (`_label_dispatch`), waiting for them."""
+    if not isinstance(packed, list):
+        return np.asarray(packed).reshape(-1)
+    out = np.empty(leaf.size, np.uint8)
+    for start, chunk in packed:
+        chunk = np.asarray(chunk)
+        out[start:start + len(chunk)] = chunk
     return out
 
 
@@ -407,7 +434,7 @@ def _label_decode(leaf, pending) -> dict:
     """Exact bracket counts: model i -> _Part (count above, flat indices inside)."""
     parts = {}
     for group, packed in pending:
-        packed = np.asarray(packed).reshape(-1)
+        packed = _labels(leaf, packed)
         scratch = np.empty_like(packed)
         inside_any = np.flatnonzero(packed >= 16)
         sub = np.take(packed, inside_any)

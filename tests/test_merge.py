@@ -704,6 +704,99 @@ def test_staged_path_matches_whole_leaf_kernels(monkeypatch, dtype, numpy_in):
     assert set(jobs) == set(shapes) and len(jobs) == 2 * len(want) * len(shapes)
 
 
+def _at_offset(a: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of a whose data starts `offset` bytes past a 64-byte boundary."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+def test_chunk_grid_covers_the_leaf_on_aligned_starts(monkeypatch, itemsize):
+    """With numpy views the full chunks start on the first operand's 64-byte
+    boundaries (zero-copy kernel arguments); MINI chunks cover the ends; every
+    scalar is covered; without views the grid is the plain one."""
+    monkeypatch.setattr(_merge_stage, "CHUNK", 256)
+    monkeypatch.setattr(_merge_stage, "MINI", 64)
+    dtype = {2: np.float16, 4: np.float32, 8: np.float64}[itemsize]
+    for n in (256, 257, 256 + 17, 1000, 3 * 256 + 5, 4 * 256):
+        plain = _merge_stage.chunk_grid(n)
+        assert plain == [(min(s, n - 256), 256) for s in range(0, n, 256)]
+        for offset in range(0, 64, itemsize):
+            view = _at_offset(np.zeros(n, dtype), offset)
+            grid = _merge_stage.chunk_grid(n, (view, None))
+            first = (-offset) % 64 // itemsize  # first aligned scalar
+            covered = np.zeros(n, bool)
+            for start, size in grid:
+                assert 0 <= start and start + size <= n and size in (256, 64), grid
+                covered[start:start + size] = True
+                if size == 256 and n >= 256 + first:  # else no aligned chunk fits
+                    assert view[start:].ctypes.data % 64 == 0, (n, offset, grid)
+            assert covered.all(), (n, offset, grid)
+            assert sum(size == 64 for _, size in grid) <= 2
+            assert len(grid) <= len(plain) + 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float64])
+def test_staged_numpy_operands_at_any_alignment(monkeypatch, dtype):
+    """numpy operands at every mix of alignments (the base aligned like none of
+    the models) give the whole-leaf kernels' bits; every full chunk reaches the
+    kernel 64-byte aligned (in place, or staged when misaligned)."""
+    rng = np.random.default_rng(21)
+    shape = (37, 29)
+    base = {"w": rng.standard_normal(shape).astype(dtype)}
+    models = [{"w": (base["w"].astype(np.float32) + 0.05 * rng.standard_normal(shape)
+                     * (rng.random(shape) < 0.6)).astype(dtype)} for _ in range(4)]
+    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 2**40)
+    with jax.enable_x64(dtype == np.float64):
+        want = _all_methods_kw(models, base)
+    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 64)
+    monkeypatch.setattr(_merge_stage, "CHUNK", 64)
+    itemsize = np.dtype(dtype).itemsize
+    shifted = [{"w": _at_offset(m["w"], (16 + 16 * i) % 64 // itemsize * itemsize)}
+               for i, m in enumerate(models)]
+    shifted_base = {"w": _at_offset(base["w"], 8 // itemsize * itemsize)}
+    seen = []
+    orig = _merge_kernels.chunk_kernel
+
+    def spy(stage, inputs, base, *a, chunk, **k):
+        if k.get("sliced") and chunk == 64:
+            seen.extend(x.ctypes.data % 64 for x in (*inputs, base)
+                        if isinstance(x, np.ndarray))
+        return orig(stage, inputs, base, *a, chunk=chunk, **k)
+
+    monkeypatch.setattr(_merge_kernels, "chunk_kernel", spy)
+    got = _all_methods_kw(shifted, shifted_base)
+    for method in want:
+        _bits_equal(got[method]["w"], want[method]["w"])
+    assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float64])
+def test_staged_ties_labels_numpy_operands_in_chunks(monkeypatch, dtype):
+    """TIES on a large host leaf with misaligned numpy operands labels it chunk by
+    chunk (K = 5: two label groups) and equals brute force."""
+    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 1024)
+    monkeypatch.setattr(_merge_stage, "CHUNK", 1 << 14)
+    calls = []
+    orig = _merge_kernels.chunk_kernel
+    monkeypatch.setattr(_merge_kernels, "chunk_kernel", lambda *a, **k: (
+        calls.append(k["body"]), orig(*a, **k))[1])
+    rng = np.random.default_rng(22)
+    shape = (_merge_trim.EXACT // 256 + 7, 300)
+    base = {"w": _at_offset(rng.standard_normal(shape).astype(dtype), 16)}
+    models = [{"w": _at_offset((np.asarray(base["w"], np.float32) + 0.01 * rng.standard_normal(
+        shape) * (rng.random(shape) < 0.7)).astype(dtype), 8 * i % 64)} for i in range(5)]
+    dens, w = [0.1, 0.35, 0.6, 0.02, 0.2], [0.5, 1.0, 2.0, 1.0, 0.3]
+    with jax.enable_x64(dtype == np.float64):
+        got = M.ties(models, base, dens, w)
+    ref = _ties_reference(models, base, dens, w)
+    np.testing.assert_array_equal(np.asarray(got["w"]), ref["w"])
+    assert "code" in calls and "ties" in calls
+
+
 def test_staged_outputs_live_in_aligned_host_memory(monkeypatch):
     monkeypatch.setattr(_merge_stage, "MIN_SIZE", 64)
     monkeypatch.setattr(_merge_stage, "CHUNK", 64)
