@@ -1071,14 +1071,14 @@ def _read_inputs(refs, base_ref, name, cast):
 
 
 def _merge_one(method, kwargs, name, xs, b):
-    """psm.merge of the one-leaf flat dicts {name: x_i}; returns a host array."""
-    def put(x):
-        # Zero-copy for aligned CPU arrays. 64-bit dtypes stay numpy: outside jax's
-        # x64 mode device_put would narrow them (psm.merge switches x64 on itself).
-        return jax.device_put(x) if x.dtype.itemsize <= 4 else x
+    """psm.merge of the one-leaf flat dicts {name: x_i}; returns a host array.
 
-    models = [{name: put(x)} for x in xs]
-    extra = {"base": {name: put(b)}} if b is not None else {}
+    The numpy arrays go to psm.merge as they are: it reads large host operands in
+    place, chunk by chunk, whatever their alignment (tensorstore's orbax reads
+    need not be aligned; a whole-array `jax.device_put` would copy those), and
+    64-bit ones stay 64-bit (psm.merge switches jax's x64 mode on itself)."""
+    models = [{name: x} for x in xs]
+    extra = {"base": {name: b}} if b is not None else {}
     out = M.merge(method, models, **extra, **kwargs)[name]
     return np.asarray(out)
 
