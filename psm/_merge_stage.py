@@ -126,8 +126,9 @@ def numpy_views(leaf, base) -> tuple | None:
     in place). A `jax.Array` on the CPU gives a zero-copy view."""
     if not any(isinstance(a, np.ndarray) for a in leaf.arrays + [base]):
         return None
-    k = len(leaf.xs) if leaf.xs is not None else leaf.stacked.shape[0]
-    views = tuple(np.asarray(leaf.model(i)).reshape(-1) for i in range(k))
+    # Rows of the stacked array's own view: indexing a jax.Array would copy a row.
+    models = list(np.asarray(leaf.stacked)) if leaf.xs is None else leaf.xs
+    views = tuple(np.asarray(x).reshape(-1) for x in models)
     return views + (None if base is None else np.asarray(base).reshape(-1),)
 
 

@@ -769,8 +769,12 @@ def test_staged_numpy_operands_at_any_alignment(monkeypatch, dtype):
 
     monkeypatch.setattr(_merge_kernels, "chunk_kernel", spy)
     got = _all_methods_kw(shifted, shifted_base)
+    with jax.enable_x64(dtype == np.float64):  # stacked jax models, numpy base
+        mixed = _all_methods_kw(_stack(models), shifted_base)
     for method in want:
         _bits_equal(got[method]["w"], want[method]["w"])
+        np.testing.assert_array_equal(np.asarray(mixed[method]["w"]).view(np.uint8),
+                                      np.asarray(want[method]["w"]).view(np.uint8))
     assert seen and not any(seen)
 
 
