@@ -26,7 +26,7 @@ numpy operands are passed to XLA chunk by chunk, as views. XLA uses host memory
 in place only where it is 64-byte aligned, and numpy's large arrays are not
 (malloc puts them 16 bytes past a page boundary): passed whole, every operand
 would be copied into fresh memory for each merge (page faults included: an
-`average` of numpy inputs took ~4x as long as of the same jax arrays). So the
+`average` of numpy inputs took 2-5x as long as of the same jax arrays). So the
 chunk grid is laid on the first operand's aligned scalars, with a MINI-scalar
 chunk for the few scalars before the grid and another after it; every chunk
 view of an operand with the same alignment is then a zero-copy argument, and a
