@@ -365,7 +365,7 @@ def _host_gather(parts, xs, base, ct):
     """Sets every part's vals: model i's magnitude bits at its inside positions
     (the same bits as `_merge_kernels.gather_bits_kernel`)."""
     for i, p in parts.items():
-        v = np.take(xs[i], p.idx).astype(ct)  # a fresh array: written in place below
+        v = np.take(xs[i], p.idx).astype(ct, copy=False)  # fresh: written in place below
         np.subtract(v, np.take(base, p.idx).astype(ct, copy=False), out=v)
         p.vals = np.abs(v, out=v).view(K.uint_for(ct))
 
@@ -430,13 +430,33 @@ def _labels(leaf, packed) -> np.ndarray:
     return out
 
 
+def sparse_flatnonzero(mask: np.ndarray) -> np.ndarray:
+    """`np.flatnonzero` of a 1-D bool array, about twice as fast where few
+    entries are set (a few percent, as the inside labels): numpy's nonzero
+    costs ~0.5 ns per entry scanned, so it first finds the 8-entry words with
+    any entry set and scans only those. Falls back to one scan where more
+    than half of the words have one."""
+    head = mask.size - mask.size % 8
+    words = mask[:head].view(np.uint64)
+    hit = np.flatnonzero(words != 0)
+    if 2 * len(hit) > len(words):
+        return np.flatnonzero(mask)
+    j = np.flatnonzero(np.take(words, hit).view(bool))  # positions within the hit words
+    idx = np.take(hit, j >> 3)
+    idx <<= 3
+    idx += np.bitwise_and(j, 7, out=j)  # in place: few megabyte-sized temporaries
+    if head == mask.size:
+        return idx
+    return np.concatenate([idx, head + np.flatnonzero(mask[head:])])
+
+
 def _label_decode(leaf, pending) -> dict:
     """Exact bracket counts: model i -> _Part (count above, flat indices inside)."""
     parts = {}
     for group, packed in pending:
         packed = _labels(leaf, packed)
         scratch = np.empty_like(packed)
-        inside_any = np.flatnonzero(packed >= 16)
+        inside_any = sparse_flatnonzero(packed >= 16)
         sub = np.take(packed, inside_any)
         for g, i in enumerate(group):
             # count_nonzero of uint8 is vectorised: ~2x faster than popcounts of

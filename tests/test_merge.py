@@ -801,6 +801,16 @@ def test_staged_ties_labels_numpy_operands_in_chunks(monkeypatch, dtype):
     assert "code" in calls and "ties" in calls
 
 
+@pytest.mark.parametrize("n", [0, 5, 8, 1000, 4099, 100_003])
+def test_sparse_flatnonzero_equals_numpy(n):
+    rng = np.random.default_rng(n)
+    for density in (0.0, 0.001, 0.035, 0.3, 0.9, 1.0):
+        mask = rng.random(n) < density
+        got = _merge_trim.sparse_flatnonzero(mask)
+        np.testing.assert_array_equal(got, np.flatnonzero(mask))
+        assert got.dtype == np.flatnonzero(mask).dtype
+
+
 def test_staged_outputs_live_in_aligned_host_memory(monkeypatch):
     monkeypatch.setattr(_merge_stage, "MIN_SIZE", 64)
     monkeypatch.setattr(_merge_stage, "CHUNK", 64)
