@@ -120,16 +120,22 @@ def finite(v: np.ndarray) -> bool:
     return bool(np.isfinite(v.astype(np.float32) if v.dtype.itemsize < 4 else v).all())
 
 
-def numpy_views(leaf, base) -> tuple | None:
-    """Flat numpy views of a host leaf's operands (the K inputs, then the base or
-    None) if any of them is a numpy array, else None (jax arrays are used whole,
-    in place). A `jax.Array` on the CPU gives a zero-copy view."""
-    if not any(isinstance(a, np.ndarray) for a in leaf.arrays + [base]):
-        return None
+def flat_views(leaf, base) -> tuple:
+    """Flat numpy views of a host leaf's operands: the K inputs, then the base
+    (or None). No copy for C-contiguous arrays, a `jax.Array` on the CPU
+    included; other layouts are copied by the reshape."""
     # Rows of the stacked array's own view: indexing a jax.Array would copy a row.
     models = list(np.asarray(leaf.stacked)) if leaf.xs is None else leaf.xs
     views = tuple(np.asarray(x).reshape(-1) for x in models)
     return views + (None if base is None else np.asarray(base).reshape(-1),)
+
+
+def numpy_views(leaf, base) -> tuple | None:
+    """`flat_views` of a host leaf if any of its operands is a numpy array, else
+    None (jax arrays are used whole, in place)."""
+    if not any(isinstance(a, np.ndarray) for a in leaf.arrays + [base]):
+        return None
+    return flat_views(leaf, base)
 
 
 def chunk_grid(n: int, views=None) -> list:

@@ -345,12 +345,10 @@ def _host_views(leaf):
     (numpy, or `jax.Array`s on one CPU device: no copy), else None."""
     if any(_merge_stage.host_device(a) is None for a in leaf.arrays):
         return None
-    views = [np.asarray(a) for a in leaf.arrays]
-    if not all(v.flags.c_contiguous for v in views):
-        return None
-    xs = list(views[0].reshape(len(views[0]), -1)) if leaf.xs is None else [
-        v.reshape(-1) for v in views[:-1]]
-    return xs, views[-1].reshape(-1), K.compute_dtype(leaf.dtype)
+    if not all(np.asarray(a).flags.c_contiguous for a in leaf.arrays):
+        return None  # flat_views would copy
+    *xs, base = _merge_stage.flat_views(leaf, leaf.base)
+    return xs, base, K.compute_dtype(leaf.dtype)
 
 
 def _host_block_sample(xs, base, ct, rows, block):
