@@ -16,8 +16,14 @@ from scipy import stats
 
 
 def binned_means(positions: np.ndarray, losses: np.ndarray, num_bins: int):
-    """Mean loss per equal-width position bin. Returns (bin centres, means) `[num_bins]`."""
-    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    """Mean loss per equal-width position bin. Returns (bin centres, means) `[num_bins]`.
+
+    Bin b holds positions in [b / num_bins, (b + 1) / num_bins). The edges are
+    computed as `b / num_bins` (one rounding each), so a position r / N that
+    equals an edge exactly lands in the bin it starts; `np.linspace` edges can
+    be one ulp above (0.6000000000000001), which moved such samples a bin down.
+    """
+    edges = np.arange(num_bins + 1) / num_bins
     which = np.clip(np.digitize(positions, edges) - 1, 0, num_bins - 1)
     means = np.array([losses[which == b].mean() if np.any(which == b) else np.nan
                       for b in range(num_bins)])
@@ -122,16 +128,44 @@ def plot_anchor_view(positions: np.ndarray, losses: np.ndarray, merged: dict, pa
 
 
 def load_records(workdir: str) -> tuple[np.ndarray, np.ndarray, dict, list[int]]:
-    """Reads `per_sample.jsonl`: returns (positions [K,N], losses [K,N], merged {name: [N]}, ids)."""
-    rows = []
-    with open(os.path.join(workdir, "per_sample.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    ids = [r["id"] for r in rows]
-    positions = np.array([r["position"] for r in rows]).T
-    losses = np.array([r["loss"]["replicas"] for r in rows]).T
-    merged = {name: np.array([r["loss"]["merged"][name] for r in rows])
-              for name in rows[0]["loss"]["merged"]}
-    return positions, losses, merged, ids
+    """Reads `per_sample.jsonl`: returns (positions [K,N], losses [K,N], merged {name: [N]}, ids).
+
+    Raises:
+      FileNotFoundError: the workdir has no `per_sample.jsonl` (the run has not finished).
+      ValueError: the file is empty, or a line is not a record of the expected
+        shape; the message names the file and the 1-based line.
+    """
+    path = os.path.join(workdir, "per_sample.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: per-sample records are written at the "
+                                "end of a finished run")
+    ids, positions, losses, merged = [], [], [], []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                row = (int(r["id"]), [float(p) for p in r["position"]],
+                       [float(x) for x in r["loss"]["replicas"]],
+                       {name: float(v) for name, v in r["loss"]["merged"].items()})
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}, line {line_no}: not a per-sample record "
+                                 f"({type(e).__name__}: {e})") from None
+            if positions and (len(row[1]) != len(positions[0]) or
+                              len(row[2]) != len(losses[0]) or set(row[3]) != set(merged[0])):
+                raise ValueError(f"{path}, line {line_no}: {len(row[1])} positions, "
+                                 f"{len(row[2])} replica losses and merged models "
+                                 f"{sorted(row[3])}, unlike the first record")
+            ids.append(row[0])
+            positions.append(row[1])
+            losses.append(row[2])
+            merged.append(row[3])
+    if not ids:
+        raise ValueError(f"{path} holds no records")
+    names = list(merged[0])
+    return (np.array(positions).T, np.array(losses).T,
+            {name: np.array([m[name] for m in merged]) for name in names}, ids)
 
 
 def redraw(workdir: str, num_bins: int = 20) -> list[str]:

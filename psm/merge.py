@@ -430,7 +430,9 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
         scale: lambda.
         trim: "tensor" or "model".
         normalize: divide by the agreeing weights (mergekit default for ties).
-        allow_nonfinite: merge NaN/inf inputs instead of raising.
+        allow_nonfinite: merge NaN/inf inputs instead of raising; a scalar whose
+            inputs or base hold a NaN/inf is NaN in the result (the sign vote is
+            undefined there).
 
     Returns:
         The merged tree.
@@ -446,7 +448,11 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
             raise ValueError(f"leaf '{leaf.name}' has {leaf.size} elements; TIES supports "
                              "tensors below 2^31 elements")
 
-    poison = not allow_nonfinite
+    # The poison term (NaN wherever an input or the base is NaN/inf) stays on even with
+    # allow_nonfinite: without it a NaN entry silently drops out of the sign vote (NaN
+    # agrees with no sign) and the scalar comes back finite, as if the model were unchanged.
+    poison = True
+    check = not allow_nonfinite
 
     def kernel(leaf, tbits, cuts, stager):
         # Most leaves need no tie-break by position: one comparison per model.
@@ -458,7 +464,7 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
             return stager.add(
                 leaf, "ties", (tbits, cuts, _cast(w, leaf), _cast(scale, leaf)),
                 (("normalize", bool(normalize)), ("poison", poison),
-                 ("by_position", by_position)), base=leaf.base, check=poison)
+                 ("by_position", by_position)), base=leaf.base, check=check)
         return K.ties_kernel(
             leaf.inputs, leaf.base, tbits, cuts, _cast(w, leaf), _cast(scale, leaf),
             stacked=_stacked(leaf), normalize=bool(normalize),

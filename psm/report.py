@@ -20,7 +20,9 @@ def write_per_sample(workdir: str, ids, positions: np.ndarray, replica_losses: n
         for i, sid in enumerate(ids):
             f.write(json.dumps({
                 "id": int(sid),
-                "position": [round(float(p), 6) for p in positions[:, i]],
+                # Full precision: the statistics recomputed from this file
+                # (`psm.imbalance`) then equal the run's own bit for bit.
+                "position": [float(p) for p in positions[:, i]],
                 "loss": {"replicas": [float(x) for x in replica_losses[:, i]],
                          "merged": {n: float(v[i]) for n, v in merged_losses.items()}},
             }) + "\n")

@@ -238,6 +238,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "fraction_unchanged_from_base": unchanged,
         "data": {"train": train_stats, "validation": val_stats, "test": len(test)},
         "steps": total_steps,
+        # Where this invocation started training (0: from the base; total_steps:
+        # nothing left to train), so a resume can be checked from the outside.
+        "resumed_from_step": start,
         "seconds": {"train": train_seconds, "merge": merge_seconds,
                     "total": time.time() - t_start},
         "plots": [os.path.relpath(p, workdir) for p in plots],

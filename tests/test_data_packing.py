@@ -150,8 +150,9 @@ def _token_loss(logits, targets):
 
 
 def test_packed_loss_equals_unpacked_with_llama():
-    llama = pytest.importorskip("psm.models.llama")
     from flax import nnx
+
+    from psm.models import llama
     cfg = llama.LlamaConfig(vocab_size=TOK.vocab_size, hidden_size=32, intermediate_size=64,
                             num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
     model = llama.Llama(cfg, rngs=nnx.Rngs(0))

@@ -1,8 +1,12 @@
-"""Imbalance statistics on data with a known trend."""
+"""Imbalance statistics on data with a known trend, and on hand-computed examples."""
+
+import json
+import os
 
 import numpy as np
+import pytest
 
-from psm import imbalance
+from psm import imbalance, report
 
 
 def test_trend_recovers_known_slope_and_sign():
@@ -39,3 +43,118 @@ def test_plots_are_written(tmp_path):
     imbalance.plot_loss_vs_position(pos, losses, str(path))
     imbalance.plot_anchor_view(pos, losses, {"average": losses.mean(0)}, str(tmp_path / "b.png"))
     assert path.stat().st_size > 10_000 and (tmp_path / "b.png").stat().st_size > 10_000
+
+
+# ---- hand-computed values ------------------------------------------------------------------
+# K = 3 replicas, N = 5 samples. Controlled loss of replica 0 (METHOD.md: its loss minus the
+# mean loss of the same sample under the OTHER replicas):
+#   [1-(2+0)/2, 2-(2+1)/2, 3-(2+1)/2, 4-(2+3)/2, 5-(2+6)/2] = [0, 0.5, 1.5, 1.5, 1.0].
+HAND_POSITIONS = np.array([[0.0, 0.2, 0.4, 0.6, 0.8],
+                           [0.8, 0.6, 0.4, 0.2, 0.0],
+                           [0.4, 0.0, 0.8, 0.2, 0.6]])
+HAND_LOSSES = np.array([[1.0, 2.0, 3.0, 4.0, 5.0],
+                        [2.0, 2.0, 2.0, 2.0, 2.0],
+                        [0.0, 1.0, 1.0, 3.0, 6.0]])
+
+
+def test_controlled_trend_of_a_hand_example():
+    rep = imbalance.imbalance_report(HAND_POSITIONS, HAND_LOSSES, num_bins=5)
+    ctrl = rep["controlled"][0]
+    # Least squares of y = [0, .5, 1.5, 1.5, 1] on x = [0, .2, .4, .6, .8]:
+    # Sxy = .36 + .08 + 0 + .12 + .04 = .6, Sxx = .4 -> slope 1.5, intercept .9 - 1.5 * .4.
+    # (Subtracting the mean over ALL replicas would scale y by 2/3: slope 1.0.)
+    assert ctrl["slope"] == pytest.approx(1.5, abs=1e-12)
+    assert ctrl["intercept"] == pytest.approx(0.3, abs=1e-12)
+    # One sample per bin: the binned means are the controlled values themselves.
+    np.testing.assert_allclose(ctrl["binned_means"], [0.0, 0.5, 1.5, 1.5, 1.0], atol=1e-12)
+    np.testing.assert_allclose(ctrl["quintile_means"], [0.0, 0.5, 1.5, 1.5, 1.0], atol=1e-12)
+    # Ranks of y: [1, 2, 4.5, 4.5, 3] against [1..5]: rho = 6.5 / sqrt(10 * 9.5).
+    assert ctrl["spearman"] == pytest.approx(6.5 / np.sqrt(95.0), abs=1e-12)
+
+    # Replica 1 is constant (2.0): controlled = 2 - mean(replica 0, replica 2)
+    #   = 2 - [0.5, 1.5, 2, 3.5, 5.5] = [1.5, .5, 0, -1.5, -3.5] at positions [.8,.6,.4,.2,0].
+    c1 = rep["controlled"][1]
+    np.testing.assert_allclose(c1["binned_means"], [-3.5, -1.5, 0.0, 0.5, 1.5], atol=1e-12)
+    assert c1["slope"] == pytest.approx(6.0, abs=1e-12)  # Sxy = 2.4, Sxx = .4
+    assert c1["spearman"] == pytest.approx(1.0)
+    # Raw trend of replica 0: y = 1 + 5x exactly.
+    raw = rep["raw"][0]
+    assert raw["slope"] == pytest.approx(5.0) and raw["intercept"] == pytest.approx(1.0)
+    assert raw["spearman"] == pytest.approx(1.0)
+
+
+def test_binned_means_put_edge_positions_in_the_bin_they_start():
+    # Positions are r / N; r / N == b / B exactly must land in bin b, also where
+    # np.linspace's edge is one ulp above (0.6000000000000001).
+    n, bins = 10, 5
+    positions = np.arange(n) / n
+    centres, means = imbalance.binned_means(positions, np.arange(n, dtype=float), bins)
+    np.testing.assert_allclose(centres, [0.1, 0.3, 0.5, 0.7, 0.9])
+    np.testing.assert_array_equal(means, [0.5, 2.5, 4.5, 6.5, 8.5])
+    # An empty bin is NaN, not an error or a zero.
+    _, sparse = imbalance.binned_means(np.array([0.05, 0.95]), np.array([1.0, 3.0]), 4)
+    assert sparse[0] == 1.0 and sparse[3] == 3.0 and np.isnan(sparse[1]) and np.isnan(sparse[2])
+
+
+def test_quintile_table_of_a_linear_trend():
+    n = 1000
+    rng = np.random.default_rng(4)
+    positions = rng.permutation(n) / n
+    losses = 2.0 - positions  # the mean of quintile q is 2 - (q / 5 + 0.1 - 0.0005)
+    t = imbalance.trend(positions, losses, num_bins=20)
+    expected = [2.0 - (q / 5 + 0.1 - 0.0005) for q in range(5)]
+    np.testing.assert_allclose(t["quintile_means"], expected, atol=1e-12)
+    assert len(t["binned_means"]) == 20 and t["slope"] == pytest.approx(-1.0)
+
+
+def _write_records(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def test_load_records_round_trips_what_the_report_writes(tmp_path):
+    merged = {"average": HAND_LOSSES.mean(0), "select": HAND_LOSSES[2]}
+    report.write_per_sample(str(tmp_path), [10, 11, 12, 13, 14], HAND_POSITIONS,
+                            HAND_LOSSES, merged)
+    positions, losses, got_merged, ids = imbalance.load_records(str(tmp_path))
+    assert ids == [10, 11, 12, 13, 14]
+    np.testing.assert_array_equal(positions, HAND_POSITIONS)
+    np.testing.assert_array_equal(losses, HAND_LOSSES)
+    assert list(got_merged) == ["average", "select"]
+    for name in merged:
+        np.testing.assert_array_equal(got_merged[name], merged[name])
+    paths = imbalance.redraw(str(tmp_path), num_bins=5)
+    assert [os.path.relpath(p, tmp_path) for p in paths] == [
+        os.path.join("plots", "loss_vs_position.png"), os.path.join("plots", "anchor_view.png")]
+    assert all(os.path.getsize(p) > 10_000 for p in paths)
+
+
+def test_positions_survive_the_records_file_exactly(tmp_path):
+    # r / N with N = 7 has no short decimal form; a rounded file would change
+    # the statistics recomputed from it.
+    positions = np.stack([np.arange(7) / 7, np.arange(7)[::-1] / 7])
+    report.write_per_sample(str(tmp_path), list(range(7)), positions,
+                            np.ones((2, 7)), {})
+    got, _, _, _ = imbalance.load_records(str(tmp_path))
+    np.testing.assert_array_equal(got, positions)
+
+
+@pytest.mark.parametrize("content,match", [
+    ([], "holds no records"),
+    (['{"id": 1, "position": [0.1], "loss": {"replicas": [1.0], "merged": {}}}', "{oops"],
+     r"per_sample.jsonl, line 2: not a per-sample record"),
+    (['{"id": 1, "position": [0.1]}'], r"per_sample.jsonl, line 1: .*'loss'"),
+    (['{"id": 1, "position": [0.1], "loss": {"replicas": [1.0], "merged": {}}}',
+      '{"id": 2, "position": [0.1, 0.2], "loss": {"replicas": [1.0, 2.0], "merged": {}}}'],
+     r"line 2: 2 positions"),
+])
+def test_bad_records_file_names_the_file_and_line(tmp_path, content, match):
+    _write_records(tmp_path / "per_sample.jsonl", content)
+    with pytest.raises(ValueError, match=match):
+        imbalance.load_records(str(tmp_path))
+
+
+def test_missing_records_file_says_the_run_has_not_finished(tmp_path):
+    with pytest.raises(FileNotFoundError, match="finished run"):
+        imbalance.load_records(str(tmp_path))

@@ -13,6 +13,7 @@ import os
 import pytest
 
 from psm import trainer
+from psm.data.builders.base import MissingDataError
 
 pytest.importorskip("gguf")
 try:
@@ -73,6 +74,6 @@ def test_real_task_with_synthetic_base_is_refused(tmp_path):
 def test_missing_data_folder_is_a_clear_error_before_training(tmp_path):
     config = importlib.import_module("configs.gsm8k").get_config("smoke")
     config.task.data_dir = str(tmp_path / "no_such_folder")
-    with pytest.raises(Exception, match="no_such_folder"):
+    with pytest.raises(MissingDataError, match="no_such_folder"):
         trainer.train_and_evaluate(config, str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w" / "checkpoints")

@@ -87,6 +87,27 @@ def test_per_sample_records_join_ids_positions_and_losses(finished_run):
     assert len(spearman) == c.num_replicas and all(-1 <= t["spearman"] <= 1 for t in spearman)
 
 
+def test_results_imbalance_equals_a_recomputation_from_the_records(finished_run):
+    """What results.json reports is what `psm.imbalance` computes from per_sample.jsonl
+    (so the plots and any later analysis of the records agree with the run's numbers)."""
+    from psm import imbalance
+
+    workdir, results = finished_run
+    c = _config()
+    positions, losses, merged, ids = imbalance.load_records(workdir)
+    assert ids == list(range(c.task.num_train))
+    assert imbalance.imbalance_report(positions, losses, c.eval.num_bins) == \
+        results["imbalance"]["replicas"]
+    recomputed = {name: imbalance.trend(positions[0], merged[name], c.eval.num_bins)
+                  for name in merged}
+    assert recomputed == results["imbalance"]["merged_vs_replica0_positions"]
+    # The report's controlled trend uses the mean over the OTHER replicas.
+    k = c.num_replicas
+    others = (losses.sum(0) - losses[1]) / (k - 1)
+    assert results["imbalance"]["replicas"]["controlled"][1]["slope"] == pytest.approx(
+        np.polyfit(positions[1], losses[1] - others, 1)[0], rel=1e-9)
+
+
 def test_rerun_on_finished_workdir_resumes_and_reproduces(finished_run):
     workdir, results = finished_run
     again = trainer.train_and_evaluate(_config(), workdir)
@@ -178,7 +199,16 @@ def test_killed_run_resumes_to_bit_identical_parameters(finished_run, tmp_path):
     proc.wait()
     steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
     assert max(steps) < results["steps"], "killed run must not have finished training"
+    rows_before = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["resumed_from_step"] == max(steps)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == results["steps"]
+    # Rows up to the checkpoint survive the rerun untouched.
+    assert [r for r in rows if r["step"] <= max(steps)] == \
+        [r for r in rows_before if r["step"] <= max(steps)]
     resumed = _final_params(workdir, results["steps"])
     reference = _final_params(reference_dir, results["steps"])
     leaves_a, leaves_b = jax.tree.leaves(resumed), jax.tree.leaves(reference)
@@ -211,6 +241,7 @@ def test_evaluate_command_reproduces_the_trainers_scores(finished_run, tmp_path,
     assert set(rows[0]) == {"id", "prediction", "extracted", "correct"}
 
 
+@pytest.mark.oracle
 def test_merged_model_is_exported_in_hf_format(finished_run):
     workdir, results = finished_run
     folder = os.path.join(workdir, results["exported"]["average"])
