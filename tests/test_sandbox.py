@@ -237,10 +237,14 @@ def layers():
     return out
 
 
-@pytest.fixture(scope="module")
-def victims(tmp_path_factory):
-    """A world-writable directory (like /tmp) with a file, and a process holding a secret."""
-    vdir = tmp_path_factory.mktemp("outside")
+@pytest.fixture
+def victims(tmp_path):
+    """A world-writable directory (like /tmp) with a file, and a process holding a secret.
+
+    Fresh for every case, so that one escape does not make later cases fail.
+    """
+    vdir = tmp_path / "outside"
+    vdir.mkdir()
     os.chmod(vdir, 0o1777)  # so that only the sandbox, not file ownership, protects it
     victim = vdir / "victim.txt"
     victim.write_text(VICTIM_TEXT)
