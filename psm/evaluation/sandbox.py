@@ -26,7 +26,12 @@ first (``SandboxResult.layers`` records which of 1-4 a run actually had):
    and gid 65534 (``nobody``) with no supplementary groups after the mounts,
    which drops every capability: it cannot remount, write root-owned files,
    open devices, signal or read (``/proc/<pid>/environ``, ``mem``) the
-   caller's processes. ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` is set after the
+   caller's processes. Where that uid could not read the interpreter or
+   reach the work directory (e.g. Python installed under ``/root``), it stays
+   uid 0 but clears every capability instead (``layers`` says ``no-caps``):
+   the caller's processes then hold capabilities it lacks, so they still
+   cannot be traced or read, and root-owned files stay writable only where
+   layers 1 and 3 allow. ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` is set after the
    switch (the switch clears it), so the program dies if its parent does.
 3. **Landlock** (Linux >= 5.13, unprivileged; the features follow the
    kernel's ABI version): writes of any kind (create, remove, rename,
@@ -185,8 +190,10 @@ def _confine(workdir, source, namespaced, uid, caller_pid, tmpfs_bytes, tmpfs_in
                                      ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)))
 
     layers = []
-    # Switch uid only if the interpreter stays readable; the workdir gets that owner.
-    switch = uid >= 0 and _readable_by_others([sys.executable] + sys.path)
+    # Switch uid only if the interpreter stays readable and the workdir reachable
+    # by path (tracebacks, landlock's rule); the workdir then gets that owner.
+    switch = uid >= 0 and _readable_by_others([sys.executable] + sys.path,
+                                              os.path.dirname(workdir))
     owner = uid if switch else -1
     if namespaced:
         _private_mounts(ctypes, libc, syscall, workdir, source, owner, tmpfs_bytes,
@@ -247,9 +254,20 @@ def _become_reaper():
     os._exit(os.waitstatus_to_exitcode(status))
 
 
-def _readable_by_others(paths):
-    """Whether a uid that owns none of `paths` can read them (o+r, o+x on every parent)."""
+def _readable_by_others(paths, passage):
+    """Whether a uid that owns none of them can read `paths` and pass through `passage`.
+
+    Reading needs o+r (and o+x for a directory) on the path and o+x on every
+    parent; passing through a directory needs o+x on it and on its parents.
+    """
     import stat
+    path = passage
+    while True:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+        if path == "/":
+            break
+        path = os.path.dirname(path)
     for path in paths:
         path = os.path.realpath(path)
         try:
@@ -538,7 +556,6 @@ _main()
 _DEFAULT_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
                 "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _TAIL_CHARS = 2000
-_SETUP_FAILED = 70  # the runner's exit status when confinement could not be set up
 
 
 @dataclasses.dataclass(frozen=True)
