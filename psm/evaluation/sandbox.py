@@ -52,8 +52,9 @@ first (``SandboxResult.layers`` records which of 1-4 a run actually had):
    ``io_uring``, ``open_by_handle_at``. ``clone3`` fails with ENOSYS so that
    the C library falls back to ``clone`` (threads keep working).
 5. **Resource limits and process group**: address space (RLIMIT_AS), CPU
-   seconds (RLIMIT_CPU; SIGXCPU, then SIGKILL a second later), file size (RLIMIT_FSIZE), no core files, and
-   RLIMIT_NPROC = 1 (enforced once the uid is not root). The child starts a
+   seconds (RLIMIT_CPU; SIGXCPU, then SIGKILL a second later), file size
+   (RLIMIT_FSIZE), no core files, and RLIMIT_NPROC = 1 (enforced once the
+   uid is not root; it then also stops threads). The child starts a
    new session; on timeout, and after every run, the parent kills the whole
    group with SIGKILL, waiting without reaping first so the group id cannot
    be reused by an unrelated process in between.
@@ -456,7 +457,7 @@ def _seccomp(ctypes, libc, call):
     return True
 
 
-def _install_guards(tmpdir, max_files):
+def _install_guards(workdir, max_files):
     import stat
 
     def inside(path):
@@ -467,7 +468,7 @@ def _install_guards(tmpdir, max_files):
         except TypeError:
             return False
         real = os.path.realpath(path)
-        return real == tmpdir or real.startswith(tmpdir + os.sep)
+        return real == workdir or real.startswith(workdir + os.sep)
 
     def deny(event):
         raise PermissionError(f"sandbox: {event} is not allowed")
@@ -500,7 +501,7 @@ def _install_guards(tmpdir, max_files):
             if isinstance(path, int):
                 return
             if writing and not inside(path):
-                deny(f"writing {path!r} (outside {tmpdir})")
+                deny(f"writing {path!r} (outside {workdir})")
             if writing:
                 # RLIMIT_FSIZE caps each file; this caps how many, so the disk
                 # use of a run is bounded by max_files * max_file_mb.
@@ -528,7 +529,7 @@ def _install_guards(tmpdir, max_files):
                 deny(f"{event} with dir_fd")
             for i in paths:
                 if not inside(args[i]):
-                    deny(f"{event} on {args[i]!r} (outside {tmpdir})")
+                    deny(f"{event} on {args[i]!r} (outside {workdir})")
 
     sys.addaudithook(hook)
 
