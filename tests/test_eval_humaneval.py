@@ -1,22 +1,22 @@
-"""Tests for psm.evaluation.humaneval and the sandbox it runs code in."""
+"""Tests for psm.evaluation.humaneval (scoring, pass@k); the sandbox has tests/test_sandbox.py."""
 
 import fractions
 import json
 import math
 import os
-import textwrap
 
 import numpy as np
 import pytest
 
-from psm.evaluation import humaneval, sandbox
+from psm.evaluation import humaneval
 
-MODES = [
-    "none",
-    pytest.param("namespaces", marks=pytest.mark.skipif(
-        not sandbox.isolation_available(),
-        reason="'unshare --net --pid' does not work on this machine")),
-]
+# Two small problems in HumanEval's format, so that scoring is tested without the data folder.
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "humaneval_tiny.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return humaneval.load_problems(FIXTURE)
 
 
 @pytest.fixture(scope="module")
@@ -53,149 +53,62 @@ def test_trivially_wrong_completions_fail(problems):
     assert "AssertionError" in details[2]
 
 
-def _sandbox_processes(marker):
-    """Pids of live processes whose command line mentions `marker`."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+def test_load_problems_reads_the_fixture_and_names_bad_lines(tmp_path):
+    problems = humaneval.load_problems(FIXTURE)
+    assert list(problems) == ["Tiny/0", "Tiny/1"]
+    assert problems["Tiny/0"]["entry_point"] == "running_max"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"task_id": "x", "prompt": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: problem lacks keys \['test', "
+                                         r"'entry_point'\]"):
+        humaneval.load_problems(str(bad))
 
 
-VICTIM_TEXT = "precious data\n"
+def test_pass_at_1_by_hand_correct_wrong_timeout_crash(tiny):
+    """Four completions of one problem, one of each outcome: pass@1 = 1/4."""
+    samples = [
+        {"task_id": "Tiny/0", "completion": tiny["Tiny/0"]["canonical_solution"]},  # correct
+        {"task_id": "Tiny/0", "completion": "    return sorted(numbers)\n"},  # wrong
+        {"task_id": "Tiny/0", "completion": "    while True:\n        pass\n"},  # times out
+        {"task_id": "Tiny/0", "completion": "    return [n // 0 for n in numbers]\n"},  # crashes
+    ]
+    result = humaneval.evaluate(tiny, samples, ks=(1, 2), workers=2, timeout_s=1.5)
+    got = [(r["sample"], r["correct"], r["status"], r["detail"]) for r in result["per_example"]]
+    assert got[0] == (0, True, "passed", "passed")
+    assert got[1] == (1, False, "failed", "AssertionError")
+    assert got[2] == (2, False, "timed_out", "timed out after 1.5 s")
+    # A crash is a failure with the exception as its reason.
+    assert got[3] == (3, False, "failed",
+                      "ZeroDivisionError: integer division or modulo by zero")
+    assert result["pass_at_k"]["pass@1"] == pytest.approx(1 / 4)
+    # pass@2 with n=4, c=1: 1 - C(3, 2) / C(4, 2) = 1/2.
+    assert result["pass_at_k"]["pass@2"] == pytest.approx(1 / 2)
+    assert result["num_problems"] == 1 and result["num_samples"] == 4
+    json.dumps(result)
 
 
-def _hostile_cases(victim, victim_dir):
-    # Function bodies (run when check() calls the function) or module-level
-    # code (after a dedent), each followed by nothing that could pass the tests.
-    return {
-        "infinite_loop": "    while True:\n        pass\n",
-        "fork_bomb": "    import os\n    while True:\n        os.fork()\n",
-        "fork_bomb_posix": "    import posix\n    while True:\n        posix.fork()\n",
-        "subprocess": "    import subprocess\n    subprocess.run(['sh', '-c', 'sleep 100'])\n",
-        # The module stubs are the first layer; re-importing reaches the audit hook.
-        "subprocess_reimported": "import sys\ndel sys.modules['subprocess']\n"
-                                 "import subprocess\nsubprocess.run(['true'])\n",
-        "os_system": "    import os\n    os.system('sleep 100')\n",
-        "memory_bomb": "    x = bytearray(1 << 40)\n",
-        # bytes(n) maps zeroed pages without touching them, so the address-space
-        # limit stops it at once; a bytearray would first write every page, and a
-        # VM that backs fresh memory slowly (~100 MB/s seen) can take longer than
-        # the timeout to reach the limit.
-        "memory_growth": "    a = []\n    while True:\n        a.append(bytes(1 << 24))\n",
-        "delete_outside": f"import os\nos.remove({victim!r})\n",
-        "delete_outside_posix": f"import posix\nposix.unlink({victim!r})\n",
-        "rmtree_outside": f"import shutil\nshutil.rmtree({victim_dir!r})\n",
-        "overwrite_outside": f"open({victim!r}, 'w').write('pwned')\n",
-        "truncate_outside": f"import os\nos.open({victim!r}, os.O_WRONLY | os.O_TRUNC)\n",
-        "rename_outside": f"import os\nos.rename({victim!r}, 'stolen.txt')\n",
-        "symlink_escape": f"import os\nos.symlink({victim!r}, 'link')\n"
-                          "open('link', 'w').write('pwned')\n",
-        "dir_fd_escape": f"import os\nfd = os.open({victim_dir!r}, os.O_RDONLY)\n"
-                         f"os.unlink({os.path.basename(victim)!r}, dir_fd=fd)\n",
-        "many_files": "for i in range(100000):\n    open(f'f{i}', 'w').write('x' * 1000)\n",
-        "huge_file": "open('big', 'wb').write(b'x' * (100 << 20))\n",
-        "stdout_spam": "while True:\n    print('x' * 10000)\n",
-        "network": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\n",
-        "network_reimported": "import sys\ndel sys.modules['socket']\nimport socket\n"
-                              "socket.socket()\n",
-        "network_raw": "import _socket\n_socket.socket()\n",
-        "read_stdin": "    data = input()\n    return bool(data)\n",
-        "read_stdin_buffer": "import sys\nsys.stdin.read()\nraise SystemExit(0)\n",
-        "kill_parent": "import os\nos.kill(os.getppid(), 9)\n",
-        "kill_parent_posix": "import posix\nposix.kill(posix.getppid(), 9)\n",
-        "kill_group": "import os\nos.killpg(0, 9)\n",
-        "ctypes": "import ctypes\nctypes.CDLL(None).fork()\n",
-    }
+def test_pass_at_1_averages_over_problems(tiny):
+    samples = [{"task_id": "Tiny/0", "completion": tiny["Tiny/0"]["canonical_solution"]},
+               {"task_id": "Tiny/1", "completion": "    return True\n"},
+               {"task_id": "Tiny/1", "completion": tiny["Tiny/1"]["canonical_solution"]}]
+    result = humaneval.evaluate(tiny, samples, ks=(1, 2), workers=1)
+    # Tiny/0: 1 of 1; Tiny/1: 1 of 2 -> (1 + 1/2) / 2. pass@2 needs 2 samples per task.
+    assert result["pass_at_k"] == {"pass@1": pytest.approx(0.75)}
+    assert result["skipped_k"] == [2]
+    assert [r["detail"] for r in result["per_example"]] == ["passed", "AssertionError",
+                                                            "passed"]
 
 
-@pytest.mark.parametrize("isolation", MODES)
-def test_hostile_completions_fail_cleanly(problems, tmp_path, isolation):
-    victim_dir = tmp_path / "outside"
-    victim_dir.mkdir()
-    victim = victim_dir / "victim.txt"
-    victim.write_text(VICTIM_TEXT)
-    sandbox_root = tmp_path / "sandboxes"
-    sandbox_root.mkdir()
-    problem = problems["HumanEval/0"]
-    timeout_s = 4.0
-    my_pid = os.getpid()
-    for name, completion in _hostile_cases(str(victim), str(victim_dir)).items():
-        result = humaneval.score(completion, problem, timeout_s=timeout_s, memory_mb=512,
-                                 isolation=isolation, tmp_root=str(sandbox_root))
-        assert not result["correct"], (name, result)
-        if name == "infinite_loop":
-            assert result["status"] == "timed_out", (name, result)
-        else:
-            # Failed by a guard or a limit, not by waiting out the clock.
-            assert result["status"] == "failed", (name, result)
-            assert result["elapsed_s"] < timeout_s, (name, result)
-        assert os.getpid() == my_pid  # still here: the parent was not killed
-        assert victim.read_text() == VICTIM_TEXT, name
-        assert sorted(os.listdir(victim_dir)) == ["victim.txt"], name
-        assert _sandbox_processes(str(sandbox_root)) == [], name  # nothing left running
-        assert os.listdir(sandbox_root) == [], name  # temporary directory removed
-
-
-@pytest.mark.parametrize("isolation", MODES)
-def test_premature_exit_with_status_zero_is_failure(problems, isolation):
-    problem = problems["HumanEval/0"]
-    for exit_code in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n",
-                      "raise SystemExit\n"):
-        # A correct function, then an exit before check() can run.
-        completion = problem["canonical_solution"] + "\n\n" + exit_code
-        program = humaneval.build_program(problem, completion)
-        raw = sandbox.run_program(program, timeout_s=5, isolation=isolation)
-        assert raw.returncode == 0 and not raw.passed and raw.status == "failed", raw
-        assert not humaneval.score(completion, problem, isolation=isolation)["correct"]
-    # The same correct function without the exit passes.
-    assert humaneval.score(problem["canonical_solution"], problem,
-                           isolation=isolation)["correct"]
-
-
-def test_guarded_attempt_leaves_file_and_correct_code_still_passes(problems, tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text(VICTIM_TEXT)
-    problem = problems["HumanEval/0"]
-    # Swallows the guard's error, then solves the task: the answer is right, so
-    # it passes, but the write never happened.
-    completion = textwrap.indent(textwrap.dedent(f"""\
-        try:
-            open({str(victim)!r}, 'w').write('pwned')
-        except PermissionError:
-            pass
-        """), "    ") + problem["canonical_solution"]
-    assert humaneval.score(completion, problem)["correct"]
-    assert victim.read_text() == VICTIM_TEXT
-
-
-def test_sandbox_allows_work_inside_its_directory():
-    program = textwrap.dedent("""\
-        import os, threading
-        with open("scratch.txt", "w") as f:
-            f.write("ok")
-        os.mkdir("sub")
-        os.rename("scratch.txt", "sub/moved.txt")
-        assert open("sub/moved.txt").read() == "ok"
-        os.remove("sub/moved.txt")
-        os.rmdir("sub")
-        print("hello")
-        """)
-    result = sandbox.run_program(program, timeout_s=10)
-    assert result.passed and result.status == "passed", result
-    assert result.stdout == "hello\n"
-    json.dumps(result.to_dict())
-
-
-def test_cpu_limit_kills_a_busy_loop_before_the_wall_clock():
-    result = sandbox.run_program("while True:\n    pass\n", timeout_s=20, cpu_s=1)
-    assert result.status == "failed" and result.elapsed_s < 10, result
+def test_truncate_then_score(tiny):
+    problem = tiny["Tiny/1"]
+    raw = "    return text == text[::-1]\n\ndef extra():\n    raise SystemExit(0)\nextra()\n"
+    result = humaneval.evaluate(tiny, [{"task_id": "Tiny/1", "completion": raw}],
+                                truncate=True)
+    record = result["per_example"][0]
+    assert record["correct"] and record["extracted"] == "    return text == text[::-1]\n"
+    assert record["prediction"] == raw
+    # Untruncated, the trailing code exits before check() runs: a failure.
+    assert not humaneval.score(raw, problem)["correct"]
 
 
 def _pass_at_k_exact(n, c, k):
