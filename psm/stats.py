@@ -129,7 +129,7 @@ def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
         raise ValueError("percentile_interval: no values")
-    tail = 50.0 * (1.0 - level)
+    tail = (100.0 - 100.0 * level) / 2  # 2.5 exactly for 0.95 (50 * 0.05 is not)
     lo, hi = np.percentile(v, [tail, 100.0 - tail])
     return float(lo), float(hi)
 
