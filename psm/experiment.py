@@ -234,6 +234,8 @@ def main(argv) -> None:
     workdir, seeds = _WORKDIR.value, _SEEDS.value
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if _DRAWS.value < 1:
+        raise ValueError(f"--draws must be >= 1, got {_DRAWS.value}")
     config = _CONFIG.value
     command = command_line()
     if config is None and not _REPORT_ONLY.value:

@@ -334,9 +334,10 @@ def _fig4(plt, runs, report):
             continue
         color = colors[s % len(colors)]
         for i in range(singles.shape[1]):
-            ax.plot(steps, singles[:, i], "-", lw=0.7, alpha=0.6, color=color,
+            # Markers: a run evaluated once still shows its point.
+            ax.plot(steps, singles[:, i], "-o", lw=0.7, ms=2, alpha=0.6, color=color,
                     label=f"seed {s}: singles" if not i else None)
-        ax.plot(steps, avg, "--", lw=2, color=color, label=f"seed {s}: average of singles")
+        ax.plot(steps, avg, "--s", lw=2, ms=4, color=color, label=f"seed {s}: average of singles")
     if not ax.lines:
         ax.text(0.5, 0.5, "no validation during training (train.eval_every = 0)",
                 ha="center", va="center", transform=ax.transAxes)
@@ -366,5 +367,5 @@ def _bars(plt, runs, report):
     a2.axhline(0.0, color="black", lw=0.8)
     a2.set_xticks(range(len(diffs)), [d["a"] for d in diffs], rotation=45, ha="right",
                   fontsize=7)
-    a2.set_ylabel(f"{m}: method - mean single (paired 95% CI)")
+    a2.set_ylabel(f"{m} minus mean single\n(paired 95% CI)")
     return fig
