@@ -92,12 +92,12 @@ def merge_models(config, params_k, base, methods=None) -> dict:
     out = {}
     for method in methods or config.merge.methods:
         if method == "average":
-            out["average"] = merge.average(params_k)
+            out["average"] = merge.average(params_k, stacked=True)
         elif method == "select":
-            out["select"] = merge.select(params_k, key=key)
+            out["select"] = merge.select(params_k, key=key, stacked=True)
         elif method == "select_resample":
             out[f"select_resample{config.merge.resample}"] = merge.select(
-                params_k, key=key, base=base, resample=config.merge.resample)
+                params_k, key=key, base=base, resample=config.merge.resample, stacked=True)
     return out
 
 
@@ -268,7 +268,7 @@ def _export_hf(config, workdir: str, model_cfg, merged: dict, tokenizer) -> dict
 
 def _eval_during_training(writer, step, eval_step, params_k, val_arrays, config):
     """Validation loss of each replica and of their uniform average (paper Fig. 4)."""
-    avg = merge.average(params_k)
+    avg = merge.average(params_k, stacked=True)
     models = jax.tree.map(lambda s, a: jnp.concatenate([s, a[None]]), params_k, avg)
     per_sample = lm.per_sample_losses(eval_step, models, val_arrays, config.eval.batch_size)
     losses = runner.token_weighted_loss(per_sample, val_arrays)
