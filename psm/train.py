@@ -28,7 +28,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _unknown_key(argv) -> str | None:
     """'unknown config key a.b; did you mean a.c?' for the first `--config.a.b=`
     override that names no field of the config, or None."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    spec = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
     if spec is None:
         return None
     try:  # the config file alone, without the overrides that failed
@@ -72,8 +77,10 @@ def _parse_flags(argv):
     """
     try:
         return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:
-        message = _unknown_key(argv) or f"bad --config override: {e}"
+    except (AttributeError, KeyError):
+        message = _unknown_key(argv)
+        if message is None:  # not a misspelt key: keep the full report
+            raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
