@@ -1,7 +1,10 @@
 """Input handling for `psm.merge`: leaf names, structure checks, output assembly.
 
-The merge functions accept K models either as a list/tuple of K trees or as one
-tree whose leaves carry a leading model axis of size K. This module flattens
+The merge functions accept K models either as a list/tuple of K trees or, when
+the caller passes `stacked=True`, as one tree whose leaves carry a leading model
+axis of size K; anything else is refused (a dict of K models and a single
+unstacked model look alike, and reading either as a stacked tree merges the
+wrong axis). This module flattens
 both forms into one record per leaf (`LeafInputs`), checks them against each
 other and against the base tree before any arithmetic runs, and rebuilds the
 output with the first model's structure, dtypes and sharding.
@@ -191,23 +194,53 @@ def _check_like(name: str, who: str, x, shape: tuple, dtype: np.dtype, ref: str)
                          f"{dtype}")
 
 
-def prepare(models, base=None, *, need_base: bool = False) -> Prepared:
+def _describe(models) -> str:
+    """A short description of a models argument for error messages."""
+    if isinstance(models, dict):
+        keys = list(models)
+        return (f"a {type(models).__name__} with keys {keys[:5]}"
+                + (" ..." if len(keys) > 5 else ""))
+    return f"a {type(models).__name__}"
+
+
+def prepare(models, base=None, *, need_base: bool = False, stacked: bool = False) -> Prepared:
     """Flattens and checks the models (and base) of a merge call.
 
     Args:
-        models: a list/tuple of K trees, or one tree with leaves `[K, ...]`.
+        models: a list/tuple of K trees (stacked=False), or one tree whose leaves
+            are `[K, ...]` (stacked=True).
         base: a tree with the structure of one model, or None.
         need_base: raise if base is None.
+        stacked: whether `models` is one tree stacked on a leading model axis.
 
     Returns:
         A `Prepared` record.
 
     Raises:
-        ValueError / TypeError naming the leaf and what differs.
+        ValueError / TypeError naming the leaf and what differs, or which form
+        `models` was read as and what to pass instead.
     """
     if need_base and base is None:
         raise ValueError("this merge method needs `base` (the pre-trained tree)")
-    if isinstance(models, (list, tuple)):
+    if not isinstance(stacked, (bool, np.bool_)):
+        raise TypeError(f"stacked must be True or False; got {stacked!r}")
+    is_seq = isinstance(models, (list, tuple))
+    if stacked and is_seq:
+        # A list is the K-model form; reading it as one stacked tree would take
+        # each model's first axis as K and merge rows instead of models.
+        raise TypeError(
+            f"stacked=True takes one tree whose leaves carry a leading model axis K, but "
+            f"models is a {type(models).__name__} of {len(models)} entries (the form for K "
+            "separate trees); drop stacked=True to merge them as K models, or put the "
+            "stacked leaves in a dict")
+    if not stacked and not is_seq:
+        # One tree (a dict of K models, an NNX State, a single model...): which of
+        # them is meant cannot be told from the tree, so the caller says it.
+        raise TypeError(
+            f"models is {_describe(models)}, read as ONE tree, not as K models; pass a "
+            "list or tuple of K trees (e.g. list(models.values()) for a dict of models), "
+            "or stacked=True if the leaves of this one tree carry a leading model axis K")
+    if is_seq:
         if len(models) == 0:
             raise ValueError("models is an empty sequence; pass at least one model (K >= 1)")
         k = len(models)
@@ -227,8 +260,8 @@ def prepare(models, base=None, *, need_base: bool = False) -> Prepared:
         for name, leaf in zip(names0, leaves0):
             if np.ndim(leaf) == 0:
                 raise ValueError(
-                    f"models is a stacked tree (not a list/tuple) but leaf '{name}' is a "
-                    "scalar; stacked leaves need a leading model axis of size K")
+                    f"models was passed with stacked=True but leaf '{name}' is a scalar; "
+                    "stacked leaves need a leading model axis of size K")
             if k is None:
                 k = leaf.shape[0]
             elif leaf.shape[0] != k:

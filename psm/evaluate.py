@@ -60,6 +60,7 @@ def load_models(config, path: str, *, merge: str | None = None, replica: int | N
       (graphdef, params `[M, ...]` stacked, names [M], model tokenizer or None).
     """
     kind = _kind(path)
+    _check_selection(path, kind, merge, replica)
     if kind == "hf":
         cfg = dict(config.model.to_dict(), kind="hf", path=path, init="pretrained")
         graphdef, params, tokenizer, _ = base_model.load_base(_with_model(config, cfg), "")
@@ -98,6 +99,22 @@ def load_models(config, path: str, *, merge: str | None = None, replica: int | N
         merged = merge_models(config, params_k, base, methods=(merge,))
         return graphdef, lm.stack_models(list(merged.values())), list(merged), tokenizer
     return graphdef, params_k, [f"replica {i}" for i in range(k)], tokenizer
+
+
+def _check_selection(path: str, kind: str, merge, replica) -> None:
+    """--merge / --replica pick among a workdir's K replicas; a single model (HF
+    folder, orbax tree) has none, and evaluating it anyway would report it
+    under a merge's or replica's name."""
+    given = [f for f, v in (("--merge", merge), ("--replica", replica)) if v is not None]
+    if merge is not None and replica is not None:
+        raise ValueError("--merge and --replica exclude each other: --replica evaluates one "
+                         "replica of a workdir, --merge the merge of all its replicas")
+    if given and kind != "workdir":
+        what = "a Hugging Face folder" if kind == "hf" else "an orbax checkpoint of one tree"
+        raise ValueError(
+            f"{given[0]} needs a psm training workdir (checkpoints/ + config.json) holding "
+            f"K replicas, but --checkpoint {path!r} is {what}, a single model; drop "
+            f"{given[0]} to evaluate that model, or merge replicas with `python -m psm.merge`")
 
 
 def _base_of(workdir: str, like):
@@ -145,6 +162,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("psm").setLevel(logging.INFO)
+    try:  # refused before anything is loaded
+        _check_selection(_CHECKPOINT.value, _kind(_CHECKPOINT.value), _MERGE.value,
+                         _REPLICA.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     evaluate(_CONFIG.value, _CHECKPOINT.value, merge=_MERGE.value, replica=_REPLICA.value,
              out=_OUT.value)
 

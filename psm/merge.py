@@ -1,9 +1,12 @@
 """Merging K fine-tuned parameter trees: average, selection, task arithmetic, TIES, DARE.
 
-Inputs. `models` is either a list/tuple of K trees of identical structure, or any
-other pytree whose leaves are stacked on a leading model axis of size K (e.g. an
-NNX `State` with leaves `[K, ...]`): a list or tuple is always read as a sequence
-of models, anything else as a stacked tree. `base` (the pre-trained tree) has the
+Inputs. `models` is either a list/tuple of K trees of identical structure, or,
+with the keyword `stacked=True`, one pytree whose leaves are stacked on a leading
+model axis of size K (e.g. an NNX `State` with leaves `[K, ...]`). Anything else
+is refused with a TypeError saying how the argument was read: a dict of K models
+and a single unstacked model are both one tree, and reading them as a stacked
+tree would merge along the wrong axis (pass `list(d.values())` for the first).
+`base` (the pre-trained tree) has the
 structure of one model, without the model axis; it is matched to the models by
 leaf name (see `leaf_name`), so a plain nested dict can serve as the base of an
 NNX State. Any pytree of jax or numpy arrays works (NNX `State`, Linen param
@@ -210,9 +213,10 @@ def _count(value, what: str) -> int:
 
 # ---- the leaf loop ---------------------------------------------------------------------
 
-def _prepare(models, base=None, *, need_base: bool = False) -> _merge_tree.Prepared:
+def _prepare(models, base=None, *, need_base: bool = False,
+             stacked: bool = False) -> _merge_tree.Prepared:
     """Flattens and checks the inputs, including that non-float leaves agree."""
-    prep = _merge_tree.prepare(models, base, need_base=need_base)
+    prep = _merge_tree.prepare(models, base, need_base=need_base, stacked=stacked)
     prep.fixed = {j: _merge_tree.equal_leaf(leaf, prep.k)
                   for j, leaf in enumerate(prep.leaves) if not leaf.is_float}
     return prep
@@ -261,22 +265,25 @@ def _stacked(leaf) -> bool:
 
 # ---- methods -----------------------------------------------------------------------------
 
-def average(models, weights=None, *, allow_nonfinite: bool = False):
+def average(models, weights=None, *, stacked: bool = False, allow_nonfinite: bool = False):
     """Weighted average (model soup): merged_j = sum_i w_i theta_ij.
 
     Accumulated in float32 (float64 for float64 leaves) in model order and cast to
     the stored dtype. Matches mergekit `linear` (normalize: true).
 
     Args:
-        models: list/tuple of K trees, or one tree with leaves `[K, ...]`.
+        models: list/tuple of K trees, or (with stacked=True) one tree with leaves
+            `[K, ...]`.
         weights: K non-negative numbers summing to 1 (within `PROB_SUM_TOL`,
             then renormalised); default 1/K each.
+        stacked: True when `models` is one tree whose leaves carry a leading
+            model axis K (keyword only; a list/tuple is never stacked).
         allow_nonfinite: merge NaN/inf inputs instead of raising.
 
     Returns:
         The merged tree (structure, dtypes, sharding of one model).
     """
-    prep = _prepare(models)
+    prep = _prepare(models, stacked=stacked)
     w = _probs(weights, prep.k, "weights")
 
     def leaf_fn(leaf, stager):
@@ -289,7 +296,7 @@ def average(models, weights=None, *, allow_nonfinite: bool = False):
 
 
 def select(models, *, key, base=None, probs=None, resample: int = 0,
-           tolerance: float | None = None, offset: int = 0,
+           tolerance: float | None = None, offset: int = 0, stacked: bool = False,
            allow_nonfinite: bool = False):
     """Parameter selection: every scalar is copied from one model drawn at random.
 
@@ -312,7 +319,8 @@ def select(models, *, key, base=None, probs=None, resample: int = 0,
     resolution is 2^-24 / (1 - q^(n+1)).
 
     Args:
-        models: list/tuple of K trees, or one tree with leaves `[K, ...]`.
+        models: list/tuple of K trees, or (with stacked=True) one tree with leaves
+            `[K, ...]`.
         key: typed PRNG key (`jax.random.key`) or raw uint32 key (`PRNGKey`).
         base: the pre-trained tree; needed when resample > 0.
         probs: K non-negative numbers summing to 1 (within `PROB_SUM_TOL`);
@@ -321,6 +329,8 @@ def select(models, *, key, base=None, probs=None, resample: int = 0,
         tolerance: optional >= 0; None (default) means exact equality.
         offset: flat index of every leaf's first element within its full tensor
             (lets a streaming merger process tensors in row-major chunks).
+        stacked: True when `models` is one tree whose leaves carry a leading
+            model axis K (keyword only; a list/tuple is never stacked).
         allow_nonfinite: merge NaN/inf inputs instead of raising.
 
     Returns:
@@ -336,7 +346,7 @@ def select(models, *, key, base=None, probs=None, resample: int = 0,
         tolerance = _scalar(tolerance, "tolerance")
         if tolerance < 0:
             raise ValueError(f"tolerance must be >= 0; got {tolerance}")
-    prep = _prepare(models, base)
+    prep = _prepare(models, base, stacked=stacked)
     p = _probs(probs, prep.k, "probs")
     last = int(np.flatnonzero(p > 0)[-1])
     thresholds = np.minimum(np.round(np.cumsum(p) * 2.0**32), 2.0**32 - 1).astype(np.uint32)
@@ -371,23 +381,26 @@ def select(models, *, key, base=None, probs=None, resample: int = 0,
 
 
 def task_arithmetic(models, base, scale: float = 1.0, weights=None, *,
-                    allow_nonfinite: bool = False):
+                    stacked: bool = False, allow_nonfinite: bool = False):
     """Task arithmetic: merged = base + scale * sum_i w_i (theta_i - base).
 
     Computed in float32 (float64 for float64 leaves). Matches mergekit
     `task_arithmetic` with `lambda = scale` and `weight = w_i`.
 
     Args:
-        models: list/tuple of K trees, or one tree with leaves `[K, ...]`.
+        models: list/tuple of K trees, or (with stacked=True) one tree with leaves
+            `[K, ...]`.
         base: the pre-trained tree.
         scale: lambda.
         weights: K finite numbers (any sign); default 1 each.
+        stacked: True when `models` is one tree whose leaves carry a leading
+            model axis K (keyword only; a list/tuple is never stacked).
         allow_nonfinite: merge NaN/inf inputs instead of raising.
 
     Returns:
         The merged tree.
     """
-    prep = _prepare(models, base, need_base=True)
+    prep = _prepare(models, base, need_base=True, stacked=stacked)
     w = np.ones(prep.k) if weights is None else _vector(weights, prep.k, "weights")
     scale = _scalar(scale, "scale")
 
@@ -403,7 +416,7 @@ def task_arithmetic(models, base, scale: float = 1.0, weights=None, *,
 
 
 def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str = "tensor",
-         normalize: bool = True, allow_nonfinite: bool = False):
+         normalize: bool = True, stacked: bool = False, allow_nonfinite: bool = False):
     """TIES merging (trim, elect sign, disjoint mean), with mergekit's conventions.
 
     1. Trim: tau_i = theta_i - base keeps its k largest-magnitude entries, the
@@ -423,13 +436,16 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
     tau entries are computed in float32 (mergekit: in the stored dtype).
 
     Args:
-        models: list/tuple of K trees, or one tree with leaves `[K, ...]`.
+        models: list/tuple of K trees, or (with stacked=True) one tree with leaves
+            `[K, ...]`.
         base: the pre-trained tree.
         density: fraction kept, in [0, 1]; a number or K numbers.
         weights: K finite numbers; default 1 each.
         scale: lambda.
         trim: "tensor" or "model".
         normalize: divide by the agreeing weights (mergekit default for ties).
+        stacked: True when `models` is one tree whose leaves carry a leading
+            model axis K (keyword only; a list/tuple is never stacked).
         allow_nonfinite: merge NaN/inf inputs instead of raising; a scalar whose
             inputs or base hold a NaN/inf is NaN in the result (the sign vote is
             undefined there).
@@ -437,7 +453,7 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
     Returns:
         The merged tree.
     """
-    prep = _prepare(models, base, need_base=True)
+    prep = _prepare(models, base, need_base=True, stacked=stacked)
     dens = _per_model(density, prep.k, "density", 0.0, 1.0, hi_open=False)
     w = np.ones(prep.k) if weights is None else _vector(weights, prep.k, "weights")
     scale = _scalar(scale, "scale")
@@ -501,7 +517,7 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
 
 def dare(models, base, drop_rate, *, key, weights=None, scale: float = 1.0,
          rescale: str = "inverse", combine: str = "linear", normalize: bool = False,
-         offset: int = 0, allow_nonfinite: bool = False):
+         offset: int = 0, stacked: bool = False, allow_nonfinite: bool = False):
     """DARE: drop and rescale task-vector entries at random, then combine.
 
     tau_i = theta_i - base; entry j of model i is kept where its draw
@@ -522,7 +538,8 @@ def dare(models, base, drop_rate, *, key, weights=None, scale: float = 1.0,
     merged = base + scale * m, computed in float32 (float64 for float64 leaves).
 
     Args:
-        models: list/tuple of K trees, or one tree with leaves `[K, ...]`.
+        models: list/tuple of K trees, or (with stacked=True) one tree with leaves
+            `[K, ...]`.
         base: the pre-trained tree.
         drop_rate: p in [0, 1); a number or K numbers (mergekit density = 1 - p).
         key: typed PRNG key or raw uint32 key.
@@ -533,13 +550,15 @@ def dare(models, base, drop_rate, *, key, weights=None, scale: float = 1.0,
         normalize: divide by the (agreeing) weights; mergekit's DARE default is off.
         offset: flat index of every leaf's first element within its full tensor
             (streaming in chunks; not with rescale="l1").
+        stacked: True when `models` is one tree whose leaves carry a leading
+            model axis K (keyword only; a list/tuple is never stacked).
         allow_nonfinite: merge NaN/inf inputs instead of raising.
 
     Returns:
         The merged tree.
     """
     key = _as_key(key)
-    prep = _prepare(models, base, need_base=True)
+    prep = _prepare(models, base, need_base=True, stacked=stacked)
     p = _per_model(drop_rate, prep.k, "drop_rate", 0.0, 1.0, hi_open=True)
     w = np.ones(prep.k) if weights is None else _vector(weights, prep.k, "weights")
     scale = _scalar(scale, "scale")
@@ -620,7 +639,8 @@ def merge(method: str, models, **kwargs):
     `average`/`linear`, `select`, `task_arithmetic`, `ties`, `dare`, and
     `dare_linear` / `dare_ties` (= `dare` with combine "linear" / "ties").
     Keyword arguments go to the method, e.g.
-    `merge("select", models, key=jax.random.key(0), base=base, resample=3)`.
+    `merge("select", models, key=jax.random.key(0), base=base, resample=3)`;
+    `stacked=True` when `models` is one tree with leaves `[K, ...]`.
     """
     if method not in _METHODS:
         raise ValueError(f"unknown merge method {method!r}; available: {available_methods()}")

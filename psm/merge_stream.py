@@ -54,13 +54,13 @@ import shutil
 import struct
 import sys
 import time
-import uuid
 from typing import Any, Callable, Sequence
 
 import jax
 import ml_dtypes
 import numpy as np
 
+from psm import atomic_out
 from psm import merge as M
 from psm.models.safetensors_io import INDEX_FILE, SINGLE_FILE, shard_file_names
 
@@ -886,45 +886,6 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _tmp_prefix(out: str) -> str:
-    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-")
-
-
-def _clean_stale(out: str) -> None:
-    """Removes temporary folders of earlier runs whose process no longer exists."""
-    prefix = _tmp_prefix(out)
-    parent, base = os.path.dirname(prefix), os.path.basename(prefix)
-    for d in os.listdir(parent):
-        m = re.fullmatch(re.escape(base) + r"(\d+)-[0-9a-f]+", d)
-        if m is None:
-            continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-            alive = pid != os.getpid()
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
-
-
-def _publish(tmp: str, out: str, overwrite: bool) -> None:
-    """Moves the finished temporary folder to `out` (renames, same filesystem)."""
-    if os.path.exists(out):
-        if not overwrite:
-            raise ValueError(f"{out} exists; pass --overwrite to replace it")
-        # Named like a temporary folder: if the run dies between the two renames, the
-        # next run removes it as stale (the destination was being replaced anyway).
-        old = f"{_tmp_prefix(out)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def _extra_files_source(models, base) -> str | None:
     for ref in ([base] if base is not None else []) + list(models):
         reader = ref.reader
@@ -1090,8 +1051,8 @@ def _run(refs, base_ref, files_ref, method, kwargs, cast, plan, convert, out, fm
                        + (base_ref.infos[n].nbytes if base_ref is not None else 0)
                        for n in names}
     total_read = sum(per_tensor_read.values())
-    _clean_stale(out)
-    tmp = f"{_tmp_prefix(out)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    atomic_out.clean_stale(out)
+    tmp = atomic_out.new_tmp_path(out)
     os.makedirs(tmp)
     bar = None
     try:
@@ -1129,8 +1090,8 @@ def _run(refs, base_ref, files_ref, method, kwargs, cast, plan, convert, out, fm
         files = writer.finish()
         if fmt == "safetensors":
             files += _copy_extra_files(tmp, refs, base_ref or files_ref, cast)
-        _fsync_dir(tmp)
-        _publish(tmp, out, overwrite)
+        atomic_out.fsync_dir(tmp)
+        atomic_out.publish(tmp, out, overwrite)
         tmp = None
     finally:
         if bar is not None:
@@ -1149,14 +1110,6 @@ def _run(refs, base_ref, files_ref, method, kwargs, cast, plan, convert, out, fm
 def _write_all(writer, conversions, merged) -> None:
     for out_name, fn in conversions:
         writer.write(out_name, np.ascontiguousarray(fn(merged)))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_extra_files(tmp, refs, base_ref, cast) -> list[str]:

@@ -22,7 +22,8 @@ from psm import base_model, checkpoint, imbalance, merge, replicas, report, shar
 from psm import workdir as wd
 from psm.data import orders, paper_tasks, tasks
 from psm.evaluation import lm, runner
-from psm.models import hf_llama
+from psm.models import hf_llama, registry
+from psm.models._fields import DTYPES
 from psm.metrics import MetricWriter, read_metrics
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,50 @@ MERGE_METHODS = ("average", "select", "select_resample")
 
 
 def validate_config(config) -> None:
-    """Rejects bad values before any work, naming the config key."""
+    """Rejects bad values before any work, naming the config key.
+
+    Everything a run reads is checked here, so that a bad value fails before
+    the workdir is written or the base is pre-trained (a rerun with the
+    corrected value is then never refused as a different config).
+    """
+    opt, train, task = config.optim, config.train, config.task
     checks = [
         (config.num_replicas >= 1, "config.num_replicas (K) must be >= 1"),
         (config.merge.resample >= 0, "config.merge.resample must be >= 0"),
-        (config.train.epochs >= 1, "config.train.epochs must be >= 1"),
-        (config.train.batch_size >= 1, "config.train.batch_size must be >= 1"),
-        (config.train.log_every >= 1, "config.train.log_every must be >= 1"),
-        (config.train.eval_every >= 0, "config.train.eval_every must be >= 0 (0 = never)"),
-        (config.task.max_len >= 2, "config.task.max_len must be >= 2"),
+        (train.epochs >= 1, "config.train.epochs must be >= 1"),
+        (train.batch_size >= 1, "config.train.batch_size must be >= 1"),
+        (train.log_every >= 1, "config.train.log_every must be >= 1"),
+        (train.eval_every >= 0, "config.train.eval_every must be >= 0 (0 = never)"),
+        (task.max_len >= 2, "config.task.max_len must be >= 2"),
+        (task.num_train >= 0, "config.task.num_train must be >= 0 (0 = all)"),
+        (task.num_validation >= 0, "config.task.num_validation must be >= 0"),
+        (task.num_test >= 0, "config.task.num_test must be >= 0 (0 = all)"),
+        (task.prompt_len >= 1, "config.task.prompt_len must be >= 1"),
+        (task.max_new_tokens >= 1, "config.task.max_new_tokens must be >= 1"),
+        # A negative learning rate trains by gradient ascent and still exits 0.
+        (_positive(opt.learning_rate),
+         f"config.optim.learning_rate must be a finite number > 0, got {opt.learning_rate!r}"),
+        (opt.warmup_steps >= 0, f"config.optim.warmup_steps must be >= 0, got "
+                                f"{opt.warmup_steps!r}"),
+        (opt.schedule in SCHEDULES, f"config.optim.schedule must be one of {list(SCHEDULES)}, "
+                                    f"got {opt.schedule!r}"),
+        (opt.weight_decay >= 0, f"config.optim.weight_decay must be >= 0, got "
+                                f"{opt.weight_decay!r}"),
+        (0 <= opt.b1 < 1, f"config.optim.b1 must lie in [0, 1), got {opt.b1!r}"),
+        (0 <= opt.b2 < 1, f"config.optim.b2 must lie in [0, 1), got {opt.b2!r}"),
+        (opt.clip_norm is None or opt.clip_norm >= 0,
+         f"config.optim.clip_norm must be >= 0 (0 = off), got {opt.clip_norm!r}"),
+        (config.checkpoint.every_steps >= 1, f"config.checkpoint.every_steps must be >= 1, "
+                                             f"got {config.checkpoint.every_steps!r}"),
+        (config.checkpoint.keep >= 1, f"config.checkpoint.keep must be >= 1, got "
+                                      f"{config.checkpoint.keep!r}"),
+        (config.eval.batch_size >= 1, f"config.eval.batch_size must be >= 1, got "
+                                      f"{config.eval.batch_size!r}"),
+        (config.eval.num_bins >= 1, f"config.eval.num_bins must be >= 1, got "
+                                    f"{config.eval.num_bins!r}"),
+        (not config.export.dtype or config.export.dtype in DTYPES,
+         f"config.export.dtype must be '' (the model's) or one of {sorted(DTYPES)}, got "
+         f"{config.export.dtype!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -63,6 +99,61 @@ def validate_config(config) -> None:
                          f"{config.model.init!r}: the synthetic task pre-trains its own base "
                          "('pretrain'); the paper's tasks need a tokenizer from a real model "
                          "('pretrained' or 'random')")
+    _validate_model(config)
+    # The mesh is built from the visible devices; building it here costs nothing
+    # and fails (naming config.mesh.*) before the base is pre-trained.
+    sharding.make_mesh(config.mesh.replica, config.mesh.data, config.num_replicas,
+                       train.batch_size)
+
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) and x > 0
+
+
+def _validate_model(config) -> None:
+    """config.model (and config.pretrain for 'pretrain'): dtypes, kind, head counts."""
+    m = config.model
+    for key in ("param_dtype", "dtype"):
+        if key in m and m[key] not in DTYPES:
+            raise ValueError(f"config.model.{key} must be one of {sorted(DTYPES)}, got "
+                             f"{m[key]!r}")
+    if m.init in ("pretrained", "random") and m.kind not in registry.KINDS:
+        raise ValueError(f"config.model.kind must be one of {list(registry.KINDS)} for "
+                         f"config.model.init={m.init!r}, got {m.kind!r}")
+    if m.init in ("pretrained", "random") and m.kind in ("gguf", "hf") and not m.get("path"):
+        raise ValueError(f"config.model.kind={m.kind!r} needs config.model.path (a "
+                         f"{'GGUF file' if m.kind == 'gguf' else 'Hugging Face folder'})")
+    if m.init == "pretrained":
+        return  # the architecture comes from the checkpoint
+    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        if key not in m:
+            raise ValueError(f"config.model.{key} is required for config.model.init="
+                             f"{m.init!r}")
+        if m[key] < 1:
+            raise ValueError(f"config.model.{key} must be >= 1, got {m[key]!r}")
+    if m.num_heads % m.num_kv_heads:
+        raise ValueError(f"config.model.num_heads ({m.num_heads}) must be a multiple of "
+                         f"config.model.num_kv_heads ({m.num_kv_heads})")
+    if not m.get("head_dim") and m.hidden_size % m.num_heads:
+        raise ValueError(f"config.model.hidden_size ({m.hidden_size}) must be divisible by "
+                         f"config.model.num_heads ({m.num_heads})")
+    try:  # whatever else the model's own config refuses
+        base_model._arch(config, vocab_size=2)  # noqa: SLF001 - the one place it is built
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model: {e}") from None
+    if m.init == "pretrain":
+        pre = config.pretrain
+        for key, ok in (("steps", pre.steps >= 1), ("batch_size", pre.batch_size >= 1),
+                        ("num_documents", pre.num_documents >= 1),
+                        ("warmup_steps", pre.warmup_steps >= 0),
+                        ("learning_rate", _positive(pre.learning_rate))):
+            if not ok:
+                want = "a finite number > 0" if key == "learning_rate" else (
+                    ">= 0" if key == "warmup_steps" else ">= 1")
+                raise ValueError(f"config.pretrain.{key} must be {want}, got {pre[key]!r}")
 
 
 def _encode_split(task, split: str, max_len: int):
@@ -92,12 +183,12 @@ def merge_models(config, params_k, base, methods=None) -> dict:
     out = {}
     for method in methods or config.merge.methods:
         if method == "average":
-            out["average"] = merge.average(params_k)
+            out["average"] = merge.average(params_k, stacked=True)
         elif method == "select":
-            out["select"] = merge.select(params_k, key=key)
+            out["select"] = merge.select(params_k, key=key, stacked=True)
         elif method == "select_resample":
             out[f"select_resample{config.merge.resample}"] = merge.select(
-                params_k, key=key, base=base, resample=config.merge.resample)
+                params_k, key=key, base=base, resample=config.merge.resample, stacked=True)
     return out
 
 
@@ -271,7 +362,7 @@ def _export_hf(config, workdir: str, model_cfg, merged: dict, tokenizer) -> dict
 
 def _eval_during_training(writer, step, eval_step, params_k, val_arrays, config):
     """Validation loss of each replica and of their uniform average (paper Fig. 4)."""
-    avg = merge.average(params_k)
+    avg = merge.average(params_k, stacked=True)
     models = jax.tree.map(lambda s, a: jnp.concatenate([s, a[None]]), params_k, avg)
     per_sample = lm.per_sample_losses(eval_step, models, val_arrays, config.eval.batch_size)
     losses = runner.token_weighted_loss(per_sample, val_arrays)

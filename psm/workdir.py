@@ -2,12 +2,22 @@
 
 A workdir belongs to one config: rerunning the same config resumes; a
 different config is refused instead of silently mixing two runs' checkpoints.
+A workdir that holds only a failed start (config.json, no checkpoint and no
+results) has nothing to mix, so it is taken over by the new config with a
+warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+
+log = logging.getLogger(__name__)
+
+# Config keys (prefixes) the cached pre-trained base in <workdir>/base depends on.
+_BASE_KEYS = ("seed", "model.", "pretrain.", "task.")
 
 
 def config_to_dict(config) -> dict:
@@ -20,7 +30,9 @@ def prepare(workdir: str, config) -> bool:
     Writes `config.json` on first use.
 
     Returns:
-      True when the workdir already held a run of this config (a resume).
+      True when the workdir already held a run of this config (a resume), or a
+      failed start of another config that is taken over (its partial records
+      are then truncated by the caller like a resume from step 0).
     Raises:
       PermissionError: the workdir cannot be written.
       ValueError: the workdir holds a run of a different config (lists the keys).
@@ -38,17 +50,43 @@ def prepare(workdir: str, config) -> bool:
     if os.path.exists(path):
         with open(path) as f:
             existing = json.load(f)
-        if existing != wanted:
-            diff = sorted(_diff_keys(existing, wanted))
+        if existing == wanted:
+            return True
+        diff = sorted(_diff_keys(existing, wanted))
+        if has_progress(workdir):
             raise ValueError(
                 f"workdir {workdir!r} holds a run of a different config (differing keys: "
                 f"{', '.join(diff[:20])}); use a new --workdir or the same config")
+        log.warning("workdir %s holds only a failed start of a different config (no "
+                    "checkpoint, no results; differing keys: %s); reusing it for this config",
+                    workdir, ", ".join(diff[:20]))
+        base = os.path.join(workdir, "base")
+        if os.path.isdir(base) and any(k == p.rstrip(".") or k.startswith(p)
+                                       for k in diff for p in _BASE_KEYS):
+            # The cached base is a function of these keys: pre-train it again.
+            log.warning("removing the cached base %s, made for the old config", base)
+            shutil.rmtree(base)
+        _write_config(path, wanted)
         return True
+    _write_config(path, wanted)
+    return False
+
+
+def has_progress(workdir: str) -> bool:
+    """True when the workdir holds a training checkpoint or a run's results."""
+    if os.path.exists(os.path.join(workdir, "results.json")):
+        return True
+    ckpts = os.path.join(workdir, "checkpoints")
+    # Orbax names a finished step's folder by the step number; temporary
+    # folders of an interrupted save carry a suffix.
+    return os.path.isdir(ckpts) and any(name.isdigit() for name in os.listdir(ckpts))
+
+
+def _write_config(path: str, wanted: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(wanted, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
-    return False
 
 
 def _diff_keys(a, b, prefix=""):

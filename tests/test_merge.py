@@ -152,7 +152,7 @@ def test_average_default_is_uniform_and_stacked_equals_list(setup):
     _, models = setup
     a = M.average(models)
     _assert_trees_identical(a, M.average(models, [0.25] * 4))
-    _assert_trees_identical(a, M.average(_stack(models)))
+    _assert_trees_identical(a, M.average(_stack(models), stacked=True))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -228,9 +228,10 @@ def test_select_depends_only_on_key_and_leaf_name(setup):
 
 def test_select_stacked_equals_list(setup):
     base, models = setup
-    _assert_trees_identical(M.select(_stack(models), key=KEY), M.select(models, key=KEY))
+    _assert_trees_identical(M.select(_stack(models), key=KEY, stacked=True),
+                            M.select(models, key=KEY))
     _assert_trees_identical(
-        M.select(_stack(models), key=KEY, base=base, resample=3),
+        M.select(_stack(models), key=KEY, base=base, resample=3, stacked=True),
         M.select(models, key=KEY, base=base, resample=3))
 
 
@@ -402,7 +403,7 @@ def test_ties_host_sample_equals_device_sample(dtype, stacked):
     if stacked:
         models = {"w": np.stack([m["w"] for m in models])}
     with jax.enable_x64(dtype == np.float64):
-        prep = M._prepare(models, base, need_base=True)
+        prep = M._prepare(models, base, need_base=True, stacked=stacked)
         (leaf,) = prep.leaves
         host = _merge_trim._host_views(leaf)
         assert host is not None
@@ -548,7 +549,7 @@ def test_nnx_states_list_and_stacked():
     assert int(target.count[...]) == 3
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     a = M.select(states, key=KEY, base=base, resample=1)
-    b = M.select(stacked, key=KEY, base=base, resample=1)
+    b = M.select(stacked, key=KEY, base=base, resample=1, stacked=True)
     _assert_trees_identical(a, b)
 
 
@@ -585,16 +586,17 @@ def test_k_trees_are_never_stacked(setup, monkeypatch):
 
 # ---- sharding ------------------------------------------------------------------------------
 
-def _all_methods(models, base):
+def _all_methods(models, base, stacked=False):
     return {
-        "average": M.average(models, [0.1, 0.2, 0.3, 0.4]),
-        "select": M.select(models, key=KEY, probs=[0.1, 0.2, 0.3, 0.4]),
-        "resample": M.select(models, key=KEY, base=base, resample=3),
-        "task_arithmetic": M.task_arithmetic(models, base, 0.6),
-        "ties": M.ties(models, base, 0.3, [1.0, 0.5, 2.0, 1.0]),
-        "ties_model": M.ties(models, base, 0.3, trim="model"),
-        "dare": M.dare(models, base, 0.3, key=KEY),
-        "dare_l1_ties": M.dare(models, base, 0.3, key=KEY, rescale="l1", combine="ties"),
+        "average": M.average(models, [0.1, 0.2, 0.3, 0.4], stacked=stacked),
+        "select": M.select(models, key=KEY, probs=[0.1, 0.2, 0.3, 0.4], stacked=stacked),
+        "resample": M.select(models, key=KEY, base=base, resample=3, stacked=stacked),
+        "task_arithmetic": M.task_arithmetic(models, base, 0.6, stacked=stacked),
+        "ties": M.ties(models, base, 0.3, [1.0, 0.5, 2.0, 1.0], stacked=stacked),
+        "ties_model": M.ties(models, base, 0.3, trim="model", stacked=stacked),
+        "dare": M.dare(models, base, 0.3, key=KEY, stacked=stacked),
+        "dare_l1_ties": M.dare(models, base, 0.3, key=KEY, rescale="l1", combine="ties",
+                               stacked=stacked),
     }
 
 
@@ -629,7 +631,7 @@ def test_sharded_inputs_give_bit_identical_results():
     mesh2 = jax.make_mesh((4, 2), ("k", "x"))
     stacked = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh2, P("k", None, "x"))),
                            _stack(models))
-    got2 = _all_methods(stacked, base)
+    got2 = _all_methods(stacked, base, stacked=True)
     for method in ref:
         _assert_trees_identical(got2[method], ref[method])
         for leaf in jax.tree.leaves(got2[method]):
@@ -654,16 +656,20 @@ def test_ties_sampled_search_same_on_sharded_and_host_leaves():
 
 # ---- chunked (staged) merging of host-resident leaves ------------------------------------
 
-def _all_methods_kw(models, base):
+def _all_methods_kw(models, base, stacked=False):
     return {
-        "average": M.average(models, [0.1, 0.2, 0.3, 0.4]),
-        "select": M.select(models, key=KEY, probs=[0.1, 0.2, 0.3, 0.4], offset=17),
-        "resample": M.select(models, key=KEY, base=base, resample=3),
-        "resample_tol": M.select(models, key=KEY, base=base, resample=2, tolerance=0.01),
-        "task_arithmetic": M.task_arithmetic(models, base, 0.6, [1.0, -0.5, 0.3, 2.0]),
-        "ties": M.ties(models, base, 0.3, [1.0, 0.5, 2.0, 1.0], scale=0.9),
-        "dare": M.dare(models, base, 0.3, key=KEY, offset=5),
-        "dare_l1_ties": M.dare(models, base, 0.3, key=KEY, rescale="l1", combine="ties"),
+        "average": M.average(models, [0.1, 0.2, 0.3, 0.4], stacked=stacked),
+        "select": M.select(models, key=KEY, probs=[0.1, 0.2, 0.3, 0.4], offset=17,
+                           stacked=stacked),
+        "resample": M.select(models, key=KEY, base=base, resample=3, stacked=stacked),
+        "resample_tol": M.select(models, key=KEY, base=base, resample=2, tolerance=0.01,
+                                 stacked=stacked),
+        "task_arithmetic": M.task_arithmetic(models, base, 0.6, [1.0, -0.5, 0.3, 2.0],
+                                             stacked=stacked),
+        "ties": M.ties(models, base, 0.3, [1.0, 0.5, 2.0, 1.0], scale=0.9, stacked=stacked),
+        "dare": M.dare(models, base, 0.3, key=KEY, offset=5, stacked=stacked),
+        "dare_l1_ties": M.dare(models, base, 0.3, key=KEY, rescale="l1", combine="ties",
+                               stacked=stacked),
     }
 
 
@@ -699,7 +705,8 @@ def test_staged_path_matches_whole_leaf_kernels(monkeypatch, dtype, numpy_in):
     monkeypatch.setattr(_merge_stage.Stager, "add", lambda self, leaf, *a, **k: (
         jobs.append(leaf.name), orig_add(self, leaf, *a, **k))[1])
     for got in (_all_methods_kw(models, base),
-                _all_methods_kw(jax.tree.map(lambda *xs: stack(xs), *models), base)):
+                _all_methods_kw(jax.tree.map(lambda *xs: stack(xs), *models), base,
+                                stacked=True)):
         for method in want:
             for n in shapes:
                 assert type(got[method][n]) is type(want[method][n]), (method, n)
@@ -775,7 +782,7 @@ def test_staged_numpy_operands_at_any_alignment(monkeypatch, dtype):
     monkeypatch.setattr(_merge_kernels, "chunk_kernel", spy)
     got = _all_methods_kw(shifted, shifted_base)
     with jax.enable_x64(dtype == np.float64):  # stacked jax models, numpy base
-        mixed = _all_methods_kw(_stack(models), shifted_base)
+        mixed = _all_methods_kw(_stack(models), shifted_base, stacked=True)
     for method in want:
         _bits_equal(got[method]["w"], want[method]["w"])
         np.testing.assert_array_equal(np.asarray(mixed[method]["w"]).view(np.uint8),
@@ -901,7 +908,7 @@ def test_sampled_ties_search_is_exact_for_every_layout(dtype, layout):
         given = {"numpy": lambda: models,
                  "jax": lambda: [jax.tree.map(jnp.asarray, m) for m in models],
                  "stacked": lambda: _stack(models)}[layout]()
-        got = M.ties(given, base, dens, w)
+        got = M.ties(given, base, dens, w, stacked=layout == "stacked")
     ref = _ties_reference(models, base, dens, w)
     np.testing.assert_array_equal(np.asarray(got["w"]), ref["w"])
 
@@ -947,11 +954,11 @@ def test_k_and_stacked_errors(setup, no_kernels):
     with pytest.raises(ValueError, match="K >= 1"):
         M.average([])
     with pytest.raises(ValueError, match="size 0"):
-        M.average({"w": jnp.zeros((0, 3))})
+        M.average({"w": jnp.zeros((0, 3))}, stacked=True)
     with pytest.raises(ValueError, match=r"leaf 'b' has leading axis 3 but leaf 'a' has 2"):
-        M.average({"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))})
+        M.average({"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))}, stacked=True)
     with pytest.raises(ValueError, match=r"leaf 's' is a scalar"):
-        M.average({"s": jnp.zeros(())})
+        M.average({"s": jnp.zeros(())}, stacked=True)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -1143,7 +1150,7 @@ def test_property_select_and_average(structure, k, dtype, seed, resample):
     sel = M.select(models, key=key, base=base, resample=resample)
     avg = M.average(models)
     assert jax.tree.structure(sel) == jax.tree.structure(base)
-    _assert_trees_identical(sel, M.select(_stack(models), key=key, base=base,
+    _assert_trees_identical(sel, M.select(_stack(models), key=key, base=base, stacked=True,
                                           resample=resample))
     for s, a, b, *ms in zip(jax.tree.leaves(sel), jax.tree.leaves(avg), jax.tree.leaves(base),
                             *[jax.tree.leaves(m) for m in models]):

@@ -487,7 +487,7 @@ def test_workdir_to_hf_equals_trainer_merge(workdir, tmp_path):
     out = str(tmp_path / "hf")
     S.merge_checkpoints([workdir["root"]], out, method="select", seed=0,
                         options={"resample": 2}, progress=False, log=lambda s: None)
-    want = M.select(workdir["stacked"], key=jax.random.key(0), base=workdir["base"],
+    want = M.select(workdir["stacked"], key=jax.random.key(0), base=workdir["base"], stacked=True,
                     resample=2)
     cfg, got = load_hf_llama(out)
     assert cfg.hidden_size == workdir["cfg"].hidden_size
@@ -503,7 +503,7 @@ def test_transformers_loads_workdir_output(workdir, tmp_path):
     out = str(tmp_path / "hf")
     S.merge_checkpoints([workdir["root"]], out, method="average", progress=False,
                         log=lambda s: None)
-    want = _flat(M.average(workdir["stacked"]))
+    want = _flat(M.average(workdir["stacked"], stacked=True))
     sd = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
     np.testing.assert_array_equal(sd["model.layers.1.mlp.up_proj.weight"].numpy(),
                                   want["layers/1/mlp/up_proj/kernel"].T)
@@ -517,7 +517,7 @@ def test_workdir_to_orbax_and_hf_base(workdir, tmp_path):
     out = str(tmp_path / "ox")
     S.merge_checkpoints([workdir["root"]], out, method="task_arithmetic",
                         options={"scale": 0.5}, fmt="orbax", progress=False, log=lambda s: None)
-    want = M.task_arithmetic(workdir["stacked"], workdir["base"], 0.5)
+    want = M.task_arithmetic(workdir["stacked"], workdir["base"], 0.5, stacked=True)
     restored = _orbax_restore(out)
     assert "value" in restored["embed"]["embedding"]  # the trainer's tree, NNX boxes included
     _assert_same(_flat(restored), _flat(want))
@@ -526,7 +526,7 @@ def test_workdir_to_orbax_and_hf_base(workdir, tmp_path):
     out2 = str(tmp_path / "ties_hf_base")
     S.merge_checkpoints([workdir["root"]], out2, method="ties", base=hf_base, fmt="orbax",
                         options={"density": 0.5}, progress=False, log=lambda s: None)
-    want2 = M.ties(workdir["stacked"], workdir["base"], 0.5)
+    want2 = M.ties(workdir["stacked"], workdir["base"], 0.5, stacked=True)
     _assert_same(_flat(_orbax_restore(out2)), _flat(want2))
 
 
@@ -549,7 +549,7 @@ def test_replica_sharded_workdir_reads_one_replica_at_a_time(tmp_path):
     out = str(tmp_path / "out")
     S.merge_checkpoints([str(root)], out, method="select", seed=5, progress=False,
                         log=lambda s: None)
-    want = M.select(params, key=jax.random.key(5))  # the stacked tree, in memory
+    want = M.select(params, key=jax.random.key(5), stacked=True)  # the stacked tree, in memory
     _assert_same(_load(out), _flat(want))
 
 
@@ -580,7 +580,7 @@ def test_workdir_of_a_pretrained_hf_model(workdir, tmp_path):
                                   log=lambda s: None)
     assert {"config.json", "tokenizer_config.json"} <= set(summary["files"])
     _, got = load_hf_llama(out)
-    _assert_same(_flat(got), _flat(M.average(workdir["stacked"])))
+    _assert_same(_flat(got), _flat(M.average(workdir["stacked"], stacked=True)))
 
 
 def test_scan_layout_workdir(tmp_path):
@@ -606,7 +606,7 @@ def test_scan_layout_workdir(tmp_path):
     out = str(tmp_path / "hf")
     S.merge_checkpoints([str(run)], out, method="select", seed=1, progress=False,
                         log=lambda s: None)
-    want = M.select(stacked, key=jax.random.key(1))
+    want = M.select(stacked, key=jax.random.key(1), stacked=True)
     _, got = load_hf_llama(out)  # list layout
     _assert_same(_flat(got), _flat(llama.to_canonical(want, cfg)))
     assert "model.layers.2.mlp.up_proj.weight" in _load(out)
@@ -615,5 +615,5 @@ def test_scan_layout_workdir(tmp_path):
     out2 = str(tmp_path / "ties")
     S.merge_checkpoints([str(run)], out2, method="ties", base=hf_base, fmt="orbax",
                         options={"density": 0.4}, progress=False, log=lambda s: None)
-    _assert_same(_flat(_orbax_restore(out2)), _flat(M.ties(stacked, base, 0.4)))
+    _assert_same(_flat(_orbax_restore(out2)), _flat(M.ties(stacked, base, 0.4, stacked=True)))
 

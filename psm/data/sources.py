@@ -1,8 +1,8 @@
 """The one entry point for task data: `load(task, split)` -> records with stable ids.
 
 Each task is a TFDS builder (see `psm.data.builders`) written as array_record
-files into a cache (`data_dir`, default `~/.cache/psm/tfds`) on first use and
-read back with `as_data_source()`; no TensorFlow is involved.
+files into a cache (`data_dir`, else `$PSM_CACHE_DIR`, else `~/.cache/psm/tfds`)
+on first use and read back with `as_data_source()`; no TensorFlow is involved.
 
 Raw files come from a local folder with the layout `<root>/<dataset>/...`
 (`<root>/gsm8k/train.jsonl`, `<root>/math/train/algebra/0.json`,
@@ -13,15 +13,24 @@ root is given it is the only source: a missing folder or file is an error
 that names what to put where. With no root, the builders download from the
 original public URLs (when the network answers within a few seconds).
 
-A built cache is reused as is; delete `<data_dir>/<builder>/` to rebuild
-after the raw files change.
+A cache built from a local folder is keyed by that folder's files: the
+builder's cache folder holds `psm_source.json` with the folder's real path and
+a digest of every file's relative path, size and modification time. When the
+data folder or any file in it differs (another `$PSM_DATA_DIR`, an edited or
+replaced `train.jsonl`), the cache is rebuilt from the given files with a
+warning, instead of serving records of other files. With no local folder (a
+download), an existing cache is reused as is. A split with no records is an
+error naming the folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 
 import numpy as np
@@ -33,6 +42,8 @@ from psm.data.builders.base import MissingDataError, SourceBuilder
 
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "psm", "tfds")
 DATA_DIR_ENV = "PSM_DATA_DIR"
+CACHE_DIR_ENV = "PSM_CACHE_DIR"  # the TFDS cache folder, when no data_dir is passed
+SOURCE_FILE = "psm_source.json"  # in a builder's cache folder: what it was built from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +106,49 @@ def _alpaca_config(folder: epath.Path | None) -> str:
         f"{alpaca.SAMPLE_1K.file_name} (the 1k sample); put one of them there")
 
 
+def cache_dir(data_dir=None) -> str:
+    """The TFDS cache folder: `data_dir`, else `$PSM_CACHE_DIR`, else ~/.cache/psm/tfds."""
+    chosen = data_dir or os.environ.get(CACHE_DIR_ENV, "").strip() or DEFAULT_DATA_DIR
+    return os.path.expanduser(os.fspath(chosen))
+
+
+def source_identity(folder) -> dict:
+    """What a cache built from the local folder `folder` depends on.
+
+    Returns:
+      {"folder": real path, "files": number of files, "digest": sha256 over the
+      sorted (relative path, size, mtime in ns) of every file below it}.
+    """
+    root = os.path.realpath(os.fspath(folder))
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            entries.append(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}")
+    entries.sort()
+    digest = hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()
+    return {"folder": root, "files": len(entries), "digest": digest}
+
+
+def _built_from(b: SourceBuilder) -> dict | None:
+    try:
+        with open(os.path.join(os.fspath(b.data_dir), SOURCE_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def builder(task: str, *, data_dir=None, manual_dir=None) -> SourceBuilder:
     """Returns the prepared TFDS builder of `task` (building the cache if needed).
 
     Args:
       task: one of `KNOWN_TASKS`.
-      data_dir: the TFDS cache folder; default `~/.cache/psm/tfds`.
+      data_dir: the TFDS cache folder; default `$PSM_CACHE_DIR` or
+        `~/.cache/psm/tfds`.
       manual_dir: the root of the local data layout; default `$PSM_DATA_DIR`.
+        A cache built from other files than this folder's is rebuilt.
 
     Raises:
       ValueError: for an unknown task.
@@ -125,14 +172,41 @@ def builder(task: str, *, data_dir=None, manual_dir=None) -> SourceBuilder:
     config = spec.config
     if config == "auto":
         config = _alpaca_config(folder)
-    data_dir = os.path.expanduser(os.fspath(data_dir or DEFAULT_DATA_DIR))
+    data_dir = cache_dir(data_dir)
     kwargs = {"config": config} if config else {}
     b = spec.builder(data_dir=data_dir, file_format="array_record", **kwargs)
+    identity = source_identity(folder) if folder is not None else None
+    if b.is_prepared() and identity is not None:
+        built = _built_from(b)
+        if built != identity:
+            was = ("an unrecorded source" if built is None else
+                   f"{built.get('folder')}" if built.get("folder") != identity["folder"] else
+                   f"earlier versions of its {built.get('files')} files")
+            logging.warning("%s: the cache %s was built from %s, not from the files now in "
+                            "%s; rebuilding it", task, b.data_dir, was, folder)
+            shutil.rmtree(os.fspath(b.data_dir))
+            b = spec.builder(data_dir=data_dir, file_format="array_record", **kwargs)
     if not b.is_prepared():
         # Per-example progress bars flood logs of non-interactive runs (global TFDS switch).
         tfds.disable_progress_bar()
-        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=os.fspath(folder) if folder is not None else None))
+        try:
+            b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=os.fspath(folder) if folder is not None else None))
+        except AssertionError as e:  # TFDS's way of refusing an empty split
+            if "No examples were yielded" not in str(e):
+                raise
+            where = f"the files in {folder}" if folder is not None else "the download"
+            raise ValueError(f"{task}: {e} ({where} hold no records for that split)") from None
+        if identity is not None:
+            if source_identity(folder) != identity:
+                # Written to while being read: the cache may mix two versions.
+                shutil.rmtree(os.fspath(b.data_dir))
+                raise RuntimeError(f"{folder} changed while the {task} cache was being built "
+                                   "from it; run again once it is complete")
+            tmp = os.path.join(os.fspath(b.data_dir), SOURCE_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(identity, f)
+            os.replace(tmp, os.path.join(os.fspath(b.data_dir), SOURCE_FILE))
     return b
 
 
@@ -158,18 +232,25 @@ def load(task: str, split: str, *, data_dir=None, manual_dir=None) -> list[dict]
       task: one of `KNOWN_TASKS` (gsm8k, math, humaneval, alpaca, alpaca_full,
         alpaca_1k, cola, sst2, mrpc, rte, stsb, wnli).
       split: a split of that task (e.g. "train", "test", "validation").
-      data_dir: the TFDS cache folder; default `~/.cache/psm/tfds`.
+      data_dir: the TFDS cache folder; default `$PSM_CACHE_DIR` or
+        `~/.cache/psm/tfds`.
       manual_dir: the root of the local data layout; default `$PSM_DATA_DIR`.
 
     Raises:
-      ValueError: for an unknown task or a split the task does not have.
+      ValueError: for an unknown task, a split the task does not have, or a
+        split with no records.
       MissingDataError: when the data cannot be found (the message says which
         files to place where).
     """
     spec = task_spec(task)
     if split not in spec.splits:
         raise ValueError(f"task {task!r} has no split {split!r}; its splits are {spec.splits}")
-    source = builder(task, data_dir=data_dir, manual_dir=manual_dir).as_data_source(split=split)
+    b = builder(task, data_dir=data_dir, manual_dir=manual_dir)
+    source = b.as_data_source(split=split)
+    if len(source) == 0:
+        root, origin = _manual_root(manual_dir)
+        where = f"the files in {root / spec.dataset} (from {origin})" if root else "the download"
+        raise ValueError(f"{task}/{split} has no records: {where} hold none for this split")
     records = []
     chunk = 8192  # batched reads are ~5x faster than one __getitem__ per record
     for start in range(0, len(source), chunk):
@@ -178,5 +259,5 @@ def load(task: str, split: str, *, data_dir=None, manual_dir=None) -> list[dict]
     for i, r in enumerate(records):
         if r["id"] != i:  # the builders write in id order; a mismatch is a corrupt cache
             raise ValueError(f"{task}/{split}: record {i} has id {r['id']}; delete the cache "
-                             f"under {data_dir or DEFAULT_DATA_DIR} and rebuild")
+                             f"{b.data_dir} and rebuild")
     return records

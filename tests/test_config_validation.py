@@ -1,0 +1,120 @@
+"""Every config value is checked before anything is written or computed.
+
+Several bad values used to fail only after the base was pre-trained, with
+config.json already in the workdir, so the rerun with the corrected value was
+refused as "a different config"; a negative learning rate trained by gradient
+ascent and exited 0. A misspelt `--config.` key gave three chained tracebacks.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from psm import trainer
+from psm import workdir as wd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("optim.schedule", "nope", r"config\.optim\.schedule must be one of"),
+    ("optim.learning_rate", -1e-3, r"config\.optim\.learning_rate must be a finite number > 0"),
+    ("optim.warmup_steps", -5, r"config\.optim\.warmup_steps must be >= 0"),
+    ("model.num_heads", 3, r"config\.model\.num_heads \(3\) must be a multiple of "
+                           r"config\.model\.num_kv_heads \(2\)"),
+    ("model.num_kv_heads", 3, r"config\.model\.num_heads \(4\) must be a multiple"),
+    ("model.hidden_size", 30, r"config\.model\.hidden_size \(30\) must be divisible by "
+                              r"config\.model\.num_heads \(4\)"),
+    ("model.dtype", "float8", r"config\.model\.dtype must be one of"),
+    ("model.param_dtype", "fp32", r"config\.model\.param_dtype must be one of"),
+    ("checkpoint.every_steps", 0, r"config\.checkpoint\.every_steps must be >= 1"),
+    ("checkpoint.keep", 0, r"config\.checkpoint\.keep must be >= 1"),
+    ("mesh.data", 3, r"config\.mesh\.data \(3\) must divide config\.train\.batch_size"),
+    ("mesh.replica", 64, r"config\.mesh asks for 64 x 1 devices"),
+    ("merge.methods", ("average", "mean"), r"config\.merge\.methods has unknown methods"),
+    ("export.dtype", "int8", r"config\.export\.dtype must be"),
+    ("pretrain.steps", 0, r"config\.pretrain\.steps must be >= 1"),
+    ("pretrain.learning_rate", -1.0, r"config\.pretrain\.learning_rate must be"),
+    ("eval.batch_size", 0, r"config\.eval\.batch_size must be >= 1"),
+])
+def test_bad_value_fails_before_anything_is_written(tmp_path, key, value, match):
+    config = tiny.get_config("test")
+    section, name = key.split(".")
+    with config.unlocked():
+        config[section][name] = value
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        trainer.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists(), sorted(os.listdir(workdir))
+
+
+def test_model_kind_is_checked_for_pretrained_models():
+    from configs import gsm8k
+    config = gsm8k.get_config()
+    config.model.kind = "llama3"
+    with pytest.raises(ValueError, match=r"config\.model\.kind must be one of"):
+        trainer.validate_config(config)
+
+
+def _write_failed_start(workdir, config):
+    os.makedirs(workdir / "checkpoints")
+    (workdir / "config.json").write_text(json.dumps(wd.config_to_dict(config)))
+    os.makedirs(workdir / "base" / "6")  # a cached base of the old config
+
+
+def test_failed_start_is_reused_with_a_changed_config(tmp_path, caplog):
+    old, new = tiny.get_config("test"), tiny.get_config("test")
+    old.pretrain.learning_rate = -3e-3  # what a run without validation left behind
+    workdir = tmp_path / "run"
+    _write_failed_start(workdir, old)
+    with caplog.at_level(logging.WARNING, logger="psm.workdir"):
+        assert wd.prepare(str(workdir), new) is True
+    assert "only a failed start" in caplog.text and "pretrain.learning_rate" in caplog.text
+    assert json.loads((workdir / "config.json").read_text()) == wd.config_to_dict(new)
+    assert not (workdir / "base").exists()  # made for the old config: pre-trained again
+    assert wd.prepare(str(workdir), new) is True  # and now it resumes quietly
+
+
+@pytest.mark.parametrize("progress", ["checkpoint", "results"])
+def test_workdir_with_progress_is_still_refused(tmp_path, progress):
+    old, new = tiny.get_config("test"), tiny.get_config("test")
+    new.optim.learning_rate = 5e-4
+    workdir = tmp_path / "run"
+    _write_failed_start(workdir, old)
+    if progress == "checkpoint":
+        os.makedirs(workdir / "checkpoints" / "6")
+    else:
+        (workdir / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"different config \(differing keys: "
+                                         r"optim\.learning_rate\)"):
+        wd.prepare(str(workdir), new)
+
+
+def _train_cli(tmp_path, *overrides):
+    workdir = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "psm.train", "--config=configs/tiny.py:test",
+         f"--workdir={workdir}", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return proc, workdir
+
+
+def test_cli_key_typo_is_one_line_with_the_suggestion(tmp_path):
+    proc, workdir = _train_cli(tmp_path, "--config.optim.learning_rte=0.1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("error: unknown config key optim.learning_rte; did you mean "
+                                   "optim.learning_rate?")
+    assert "Traceback" not in proc.stderr and not workdir.exists()
+
+
+def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):
+    proc, workdir = _train_cli(tmp_path, "--config.optim.schedule=nope")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: invalid config: config.optim.schedule must be one of" in proc.stderr
+    assert "Traceback" not in proc.stderr and not workdir.exists()
