@@ -60,6 +60,9 @@ def get_config(arg: str | None = None):
     c.train.eval_every = 50
     c.checkpoint.every_steps = 50
     c.export.hf = ("average",)  # a transformers-loadable folder of one merged model
+    # Reference rows: greedy soup (K - 1 extra validation passes of one model) and the
+    # logit ensemble (K forward passes per token at evaluation).
+    c.merge.methods = ("average", "select", "select_resample", "greedy_soup", "ensemble")
 
     if arg == "test":
         c.task.num_train, c.task.num_validation, c.task.num_test = 96, 32, 16
