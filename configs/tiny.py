@@ -7,9 +7,11 @@ Command (a few minutes on a 2-core CPU):
 What it does: pre-trains a ~0.56M-parameter Llama-style decoder on a synthetic
 corpus (cached in the workdir), fine-tunes K = 4 replicas of it for 3 epochs on
 1,200 generated arithmetic word problems, each replica in its own data order,
-merges them (average, parameter selection, selection + resampling), and reports
-validation loss and test exact-match accuracy for every single and merged
-model, plus the per-sample loss vs first-epoch position trend.
+merges them (average, parameter selection, selection + resampling), adds the
+reference rows greedy soup and logit ensemble, and reports validation loss and
+test exact-match accuracy for every single and merged model, the per-sample
+loss vs first-epoch position trend, and the merge-readiness diagnostics (loss
+barriers between replicas, task-vector geometry).
 
 Expected result: see the table in README.md, produced by this command. The
 imbalance trend is reported as measured, whatever its sign.

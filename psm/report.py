@@ -100,11 +100,11 @@ def format_barrier(barrier: dict) -> str:
     if pairs:
         values = np.array([p["barrier"] for p in pairs])
         worst = pairs[int(np.argmax(values))]
-        lines.append(f"  replica pairs: mean {values.mean():.4f}, max {values.max():.4f} "
+        lines.append(f"  replica pairs: mean {values.mean():.3g}, max {values.max():.3g} "
                      f"(replicas {worst['a']}-{worst['b']}): "
-                     + ", ".join(f"{p['a']}-{p['b']} {p['barrier']:.4f}" for p in pairs))
+                     + ", ".join(f"{p['a']}-{p['b']} {p['barrier']:.3g}" for p in pairs))
     lines.append("  replica -> uniform average: " + ", ".join(
-        f"{r['replica']} {r['barrier']:.4f}" for r in barrier["to_average"]))
+        f"{r['replica']} {r['barrier']:.3g}" for r in barrier["to_average"]))
     tv = barrier.get("task_vectors")
     if tv:
         k = len(tv["norm"])
