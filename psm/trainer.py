@@ -161,14 +161,23 @@ def merge_models(config, params_k, base, methods=None, *, val_loss=None, record=
       base: the base model, leaves `[...]`.
       methods: names from METHODS; 'ensemble' is skipped (it is not one parameter
         tree: see `psm.evaluation.lm.logit_ensemble`).
-      val_loss: stacked `[M, ...]` trees (storage dtype) -> `[M]` validation
-        losses; needed by best_single and greedy_soup.
+      val_loss: stacked `[M, ...]` trees (the dtypes of `base`) -> `[M]`
+        validation losses; needed by best_single and greedy_soup.
       record: optional dict, filled with what the reference rows chose:
         {"best_single": {"replica"}, "greedy_soup": {"order", "kept", "steps"}}.
     Returns:
-      name (`row_name`) -> merged tree in the storage dtype.
+      name (`row_name`) -> merged tree, merged in the storage dtype and returned
+      in the dtypes of `base` (exact when the storage dtype is the narrower one),
+      so that every caller scores and exports what a merge of stored
+      checkpoints gives.
     """
+    like = base
     params_k, base = stored(config, params_k), stored(config, base)
+    if config.merge.storage_dtype is not None:
+        back = lambda tree: _cast_like(tree, like)
+        val_loss = val_loss and (lambda tree, fn=val_loss: fn(back(tree)))
+    else:
+        back = lambda tree: tree
     m = config.merge
     key = jax.random.key(m.seed)
     record = {} if record is None else record
@@ -204,7 +213,7 @@ def merge_models(config, params_k, base, methods=None, *, val_loss=None, record=
             else:
                 out["greedy_soup"], record["greedy_soup"] = _greedy_soup(
                     params_k, replica_loss, val_loss)
-    return out
+    return {name: back(tree) for name, tree in out.items()}
 
 
 def _greedy_soup(params_k, replica_loss: np.ndarray, val_loss):
@@ -215,8 +224,8 @@ def _greedy_soup(params_k, replica_loss: np.ndarray, val_loss):
     the soup plus it has a strictly lower validation loss than the soup.
 
     Returns:
-      (soup tree, {"replica_val_loss": [K] (as used), "order": [K], "kept": [replica ids], "steps": [{"replica",
-      "val_loss" (of the candidate average), "kept"}], "val_loss"}).
+      (soup tree, {"replica_val_loss": [K] (as used), "order": [K], "kept": [replica
+      ids], "steps": [{"replica", "val_loss" (of the candidate), "kept"}], "val_loss"}).
     """
     k = len(replica_loss)
     order = [int(i) for i in np.argsort(replica_loss, kind="stable")]
@@ -343,7 +352,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       config.eval.batch_size)
 
     chosen: dict = {}
-    merged = merge_models(config, stored_k, stored_base, val_loss=val_loss_fn, record=chosen)
+    merged = merge_models(config, params_k, base, val_loss=val_loss_fn, record=chosen)
     merged = jax.block_until_ready(merged)
     merge_seconds = time.time() - t_merge
     exported = _export_hf(config, workdir, model_cfg, merged, tokenizer)

@@ -116,6 +116,18 @@ def test_merged_models_are_scored_from_the_rounded_replicas(run):
         assert results["models"][name]["val_loss"] == pytest.approx(loss, rel=2e-5)
 
 
+@pytest.mark.parametrize("method", ["select_resample", "ties"])
+def test_evaluate_command_scores_a_merge_of_stored_replicas_as_the_trainer(run, tmp_path,
+                                                                          method):
+    config, workdir, results, *_ = run
+    name = trainer.row_name(config, method)
+    scored = evaluate.evaluate(config, workdir, merge=method, out=str(tmp_path))["models"]
+    assert list(scored) == [name]
+    assert scored[name]["val_loss"] == pytest.approx(results["models"][name]["val_loss"],
+                                                     rel=1e-6)
+    assert scored[name]["test_accuracy"] == results["models"][name]["test_accuracy"]
+
+
 def test_select_resample_differs_from_select_only_where_a_candidate_equals_the_base(run):
     config, _, _, _, params_k, base = run
     k, n = config.num_replicas, config.merge.resample
