@@ -256,6 +256,47 @@ def test_ensemble_decodes_greedily_from_the_mean_probability(run):
             np.array(out + [tok.pad_id] * (n_new - len(out))))
 
 
+def test_logit_ensemble_of_distinct_models_scores_and_decodes_the_mean_probability():
+    # Replicas of a short run are nearly the same model; random members of a toy
+    # Llama differ enough to tell the mean of probabilities from other mixtures.
+    from psm.models import decode, llama
+
+    cfg = llama.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                            num_layers=2, num_heads=2, num_kv_heads=1, max_seq_len=32,
+                            dtype="float32")
+    states = []
+    for seed in range(3):
+        graphdef, state = nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(seed)))
+        states.append(state)
+    params_k = lm.stack_models(states)
+    ens_graphdef, ens_state = lm.logit_ensemble(graphdef, params_k)
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(1, 40, (2, 9)).astype(np.int32)
+    batch = {"tokens": tokens, "positions": np.tile(np.arange(9), (2, 1)),
+             "segment_ids": np.ones_like(tokens), "targets": np.roll(tokens, -1, 1),
+             "loss_mask": np.array([[0] * 4 + [1] * 5, [0] * 2 + [1] * 7], np.float32)}
+    got = np.asarray(replicas.make_eval_step(ens_graphdef)(lm.stack_models([ens_state]),
+                                                           batch))[0]
+    probs = _softmax(_member_logits(graphdef, params_k, batch))
+    target_p = np.take_along_axis(probs, batch["targets"][None, ..., None], -1)[..., 0]
+    mask = batch["loss_mask"]
+    expected = (-np.log(target_p.mean(0)) * mask).sum(1) / mask.sum(1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    geometric = (-np.log(target_p).mean(0) * mask).sum(1) / mask.sum(1)
+    assert np.all(np.abs(expected - geometric) > 1e-3)  # the check can tell them apart
+    # Greedy decoding with the KV cache = argmax of the mean probability, recomputed.
+    out = np.asarray(decode.generate_tokens(
+        ens_graphdef, ens_state, jnp.asarray(tokens), jnp.ones_like(tokens),
+        jax.random.key(0), max_new_tokens=4, eos_id=0, pad_id=0))
+    seq = tokens
+    for _ in range(4):
+        batch = {"tokens": seq, "positions": np.tile(np.arange(seq.shape[1]), (2, 1)),
+                 "segment_ids": np.ones_like(seq)}
+        mean_p = _softmax(_member_logits(graphdef, params_k, batch)[:, :, -1]).mean(0)
+        seq = np.concatenate([seq, np.argmax(mean_p, -1)[:, None].astype(np.int32)], 1)
+    np.testing.assert_array_equal(out, seq[:, 9:])
+
+
 def test_barrier_report_covers_pairs_and_average_and_task_vectors(run):
     config, _, results, *_ = run
     k = config.num_replicas
