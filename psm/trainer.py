@@ -369,8 +369,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     positions = orders.first_epoch_positions(**order_kw)
     unchanged = diagnostics.fraction_unchanged(params_k, base)
     unchanged_storage = diagnostics.fraction_unchanged(stored_k, stored_base)
+    t_barrier = time.time()
     barrier = _barrier_report(config, val_loss_fn, stored_k, stored_base, merged, base) \
         if config.eval.barrier else None
+    barrier_seconds = time.time() - t_barrier
 
     # ----------------------------------------------------------------- report
     merged_names = names[k:]
@@ -403,8 +405,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "barrier": barrier,
         "data": {"train": train_stats, "validation": val_stats, "test": len(test)},
         "steps": total_steps,
+        # merge: includes greedy soup's validation passes; barrier: the diagnostics.
         "seconds": {"train": train_seconds, "merge": merge_seconds,
-                    "total": time.time() - t_start},
+                    "barrier": barrier_seconds, "total": time.time() - t_start},
         "plots": [os.path.relpath(p, workdir) for p in plots],
         "exported": exported,
     }
