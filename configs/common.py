@@ -70,9 +70,22 @@ def base() -> config_dict.ConfigDict:
     c.checkpoint.keep = 2
 
     c.merge = config_dict.ConfigDict()
+    # Paper: average, select, select_resample. Beyond it: ties, dare (merges), and the
+    # reference rows best_single, greedy_soup (need validation losses) and ensemble
+    # (logit ensemble of the K replicas: K forward passes per token).
     c.merge.methods = ("average", "select", "select_resample")
     c.merge.resample = 3  # n extra draws for select_resample
     c.merge.seed = 0
+    # Replicas and base are rounded to this dtype before merging (as released
+    # checkpoints are), and every row is scored from the rounded replicas;
+    # None = the training dtype. E.g. 'bfloat16': updates below half a bf16 ulp
+    # leave parameters equal to the base, which is where resampling acts.
+    c.merge.storage_dtype = config_dict.placeholder(str)
+    c.merge.ties_density = 0.2  # fraction of each task vector kept (TIES paper's k = 20%)
+    c.merge.ties_trim = "tensor"  # top-k per 'tensor' or over the whole 'model'
+    c.merge.dare_drop_rate = 0.5  # p; survivors rescaled (below), then averaged over K
+    c.merge.dare_rescale = "inverse"  # 1/(1-p) | 'l1' | 'none' (psm.merge.dare)
+    c.merge.dare_combine = "linear"  # 'linear' | 'ties'
 
     c.export = config_dict.ConfigDict()  # merged models written as HF folders in export/
     c.export.hf = ("select_resample",)  # names from merge.methods; () = none
@@ -81,6 +94,13 @@ def base() -> config_dict.ConfigDict:
     c.eval = config_dict.ConfigDict()
     c.eval.batch_size = 64
     c.eval.num_bins = 20
+    # Merge readiness (psm/diagnostics.py): validation loss on straight lines between
+    # replica pairs and from each replica to their average, and task-vector geometry.
+    c.eval.barrier = True
+    c.eval.barrier_grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # Interpolated models per stacked evaluation; 0 = K + 1, the stack the evaluation
+    # during training already runs (same memory, same compiled step).
+    c.eval.barrier_models_per_pass = 0
     return c
 
 

@@ -7,9 +7,11 @@ Command (a few minutes on a 2-core CPU):
 What it does: pre-trains a ~0.56M-parameter Llama-style decoder on a synthetic
 corpus (cached in the workdir), fine-tunes K = 4 replicas of it for 3 epochs on
 1,200 generated arithmetic word problems, each replica in its own data order,
-merges them (average, parameter selection, selection + resampling), and reports
-validation loss and test exact-match accuracy for every single and merged
-model, plus the per-sample loss vs first-epoch position trend.
+merges them (average, parameter selection, selection + resampling), adds the
+reference rows greedy soup and logit ensemble, and reports validation loss and
+test exact-match accuracy for every single and merged model, the per-sample
+loss vs first-epoch position trend, and the merge-readiness diagnostics (loss
+barriers between replicas, task-vector geometry).
 
 Expected result: see the table in README.md, produced by this command. The
 imbalance trend is reported as measured, whatever its sign.
@@ -60,6 +62,9 @@ def get_config(arg: str | None = None):
     c.train.eval_every = 50
     c.checkpoint.every_steps = 50
     c.export.hf = ("average",)  # a transformers-loadable folder of one merged model
+    # Reference rows: greedy soup (K - 1 extra validation passes of one model) and the
+    # logit ensemble (K forward passes per token at evaluation).
+    c.merge.methods = ("average", "select", "select_resample", "greedy_soup", "ensemble")
 
     if arg == "test":
         c.task.num_train, c.task.num_validation, c.task.num_test = 96, 32, 16

@@ -7,6 +7,9 @@ import os
 
 import numpy as np
 
+REFERENCE_ROWS = ("best_single", "greedy_soup", "ensemble")
+"""Rows beyond the paper's merges (METHOD.md section 5), labelled "reference" in the table."""
+
 
 def write_per_sample(workdir: str, ids, positions: np.ndarray, replica_losses: np.ndarray,
                      merged_losses: dict) -> str:
@@ -63,7 +66,7 @@ def format_table(results: dict, k: int) -> str:
                  f"{s['val_loss_mean']:.4f} +- {s['val_loss_std']:.4f}",
                  f"{s['test_accuracy_mean']:.3f} +- {s['test_accuracy_std']:.3f}"))
     for n in names[k:]:
-        rows.append((f"merge: {n}", f"{models[n]['val_loss']:.4f}",
+        rows.append((_label(n, models[n]), f"{models[n]['val_loss']:.4f}",
                      f"{models[n]['test_accuracy']:.3f}"))
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
     lines = [" | ".join(r[c].ljust(widths[c]) for c in range(3)) for r in rows]
@@ -75,4 +78,45 @@ def format_table(results: dict, k: int) -> str:
     if trends["controlled"]:
         ctrl = ", ".join(f"{t['spearman']:+.3f}" for t in trends["controlled"])
         lines.append(f"  difficulty-controlled (loss minus other replicas' mean): {ctrl}")
+    return "\n".join(lines)
+
+
+
+def _label(name: str, row: dict) -> str:
+    """Table label of a merged or reference row (with what a reference row chose)."""
+    if name not in REFERENCE_ROWS:
+        return f"merge: {name}"
+    if name == "best_single":
+        return f"reference: best_single (replica {row['replica']})"
+    if name == "greedy_soup":
+        return f"reference: greedy_soup (replicas {row['kept']})"
+    return f"reference: ensemble of {row['members']} (logits)"
+
+
+def format_barrier(barrier: dict) -> str:
+    """Merge-readiness lines: loss barriers and task-vector geometry (`psm.diagnostics`)."""
+    grid = ", ".join(f"{t:g}" for t in barrier["grid"])
+    lines = [f"merge readiness: validation loss on straight lines (t = {grid}); barrier = max_t "
+             "[L(t) - chord], ~0: one basin, large: merging expected to hurt"]
+    pairs = barrier["pairs"]
+    if pairs:
+        values = np.array([p["barrier"] for p in pairs])
+        worst = pairs[int(np.argmax(values))]
+        lines.append(f"  replica pairs: mean {values.mean():.3g}, max {values.max():.3g} "
+                     f"(replicas {worst['a']}-{worst['b']}): "
+                     + ", ".join(f"{p['a']}-{p['b']} {p['barrier']:.3g}" for p in pairs))
+    lines.append("  replica -> uniform average: " + ", ".join(
+        f"{r['replica']} {r['barrier']:.3g}" for r in barrier["to_average"]))
+    tv = barrier.get("task_vectors")
+    if tv:
+        k = len(tv["norm"])
+        off = ~np.eye(k, dtype=bool)
+        dist = np.array(tv["relative_distance"])[off]
+        sign = np.array(tv["sign_agreement"])[off]
+        lines.append("  task vectors: ||tau|| " + ", ".join(f"{x:.4g}" for x in tv["norm"]))
+        if k > 1:
+            lines.append(f"  ||tau_a - tau_b|| / mean ||tau||: mean {np.mean(dist):.3f} "
+                         f"(min {np.min(dist):.3f}, max {np.max(dist):.3f}); sign agreement: "
+                         f"mean {np.mean(sign):.3f} (min {np.min(sign):.3f}, "
+                         f"max {np.max(sign):.3f})")
     return "\n".join(lines)

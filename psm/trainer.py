@@ -18,7 +18,8 @@ import logging
 from flax import nnx
 from tqdm import tqdm
 
-from psm import base_model, checkpoint, imbalance, merge, replicas, report, sharding
+from psm import (base_model, checkpoint, diagnostics, imbalance, merge, replicas, report,
+                 sharding)
 from psm import workdir as wd
 from psm.data import orders, paper_tasks, tasks
 from psm.evaluation import lm, runner
@@ -28,7 +29,13 @@ from psm.metrics import MetricWriter, read_metrics
 
 log = logging.getLogger(__name__)
 
-MERGE_METHODS = ("average", "select", "select_resample")
+MERGE_METHODS = ("average", "select", "select_resample", "ties", "dare")
+"""Merges computed from the replicas (and base) alone."""
+REFERENCE_METHODS = report.REFERENCE_ROWS
+"""Reference rows beyond the paper (METHOD.md section 5): `best_single` and
+`greedy_soup` need the replicas' validation losses; `ensemble` is K models
+(it has no single parameter tree, so it cannot be exported)."""
+METHODS = MERGE_METHODS + REFERENCE_METHODS
 
 
 def validate_config(config) -> None:
@@ -83,14 +90,28 @@ def validate_config(config) -> None:
     known = sorted(tasks.TASKS) + sorted(paper_tasks.PAPER_TASKS)
     if config.task.name not in known:
         raise ValueError(f"unknown config.task.name {config.task.name!r}; known tasks: {known}")
-    unknown = [m for m in config.merge.methods if m not in MERGE_METHODS]
+    unknown = [m for m in config.merge.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"config.merge.methods has unknown methods {unknown}; "
-                         f"known: {list(MERGE_METHODS)}")
+                         f"known: {list(METHODS)}")
+    repeated = sorted({m for m in config.merge.methods if config.merge.methods.count(m) > 1})
+    if repeated:
+        raise ValueError(f"config.merge.methods names {repeated} more than once")
     not_merged = [m for m in config.export.hf if m not in config.merge.methods]
     if not_merged:
         raise ValueError(f"config.export.hf names {not_merged}, which config.merge.methods "
                          f"{tuple(config.merge.methods)} does not produce")
+    if "ensemble" in config.export.hf:
+        raise ValueError("config.export.hf names 'ensemble': the logit ensemble is K models, "
+                         "not one parameter tree, and cannot be exported")
+    _check_merge_options(config)
+    if config.eval.barrier:
+        try:
+            diagnostics.check_grid(config.eval.barrier_grid)
+        except ValueError as e:
+            raise ValueError(f"config.eval.barrier_grid: {e}") from None
+    if config.eval.barrier_models_per_pass < 0:
+        raise ValueError("config.eval.barrier_models_per_pass must be >= 0 (0 = K + 1)")
     if config.model.init not in base_model.INITS:
         raise ValueError(f"config.model.init={config.model.init!r}; expected one of "
                          f"{list(base_model.INITS)}")
@@ -156,6 +177,36 @@ def _validate_model(config) -> None:
                 raise ValueError(f"config.pretrain.{key} must be {want}, got {pre[key]!r}")
 
 
+def _check_merge_options(config) -> None:
+    """config.merge.storage_dtype and the TIES / DARE options, named when wrong."""
+    m = config.merge
+    if m.storage_dtype is not None:
+        try:
+            dtype = jnp.dtype(m.storage_dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"config.merge.storage_dtype={m.storage_dtype!r} is not a "
+                             "floating dtype name (e.g. 'bfloat16', 'float16', 'float32'; "
+                             "None = the training dtype)")
+    if "ties" in m.methods:
+        if not 0.0 <= m.ties_density <= 1.0:
+            raise ValueError(f"config.merge.ties_density={m.ties_density} must be in [0, 1]")
+        if m.ties_trim not in ("tensor", "model"):
+            raise ValueError(f"config.merge.ties_trim={m.ties_trim!r}; expected 'tensor' "
+                             "or 'model'")
+    if "dare" in m.methods:
+        if not 0.0 <= m.dare_drop_rate < 1.0:
+            raise ValueError(f"config.merge.dare_drop_rate={m.dare_drop_rate} must be in "
+                             "[0, 1)")
+        if m.dare_rescale not in ("inverse", "l1", "none"):
+            raise ValueError(f"config.merge.dare_rescale={m.dare_rescale!r}; expected "
+                             "'inverse', 'l1' or 'none'")
+        if m.dare_combine not in ("linear", "ties"):
+            raise ValueError(f"config.merge.dare_combine={m.dare_combine!r}; expected "
+                             "'linear' or 'ties'")
+
+
 def _encode_split(task, split: str, max_len: int):
     arrays, stats = tasks.encode_split(task, split, max_len)
     if stats["truncated"]:
@@ -173,23 +224,118 @@ def make_optimizer(config, total_steps: int):
         clip_norm=config.optim.clip_norm)
 
 
-def merge_models(config, params_k, base, methods=None) -> dict:
+def row_name(config, method: str) -> str:
+    """The results row of a merge method: select_resample is `select_resample<n>`."""
+    return f"select_resample{config.merge.resample}" if method == "select_resample" else method
+
+
+def stored(config, tree):
+    """`tree` as a released checkpoint would hold it: floating leaves rounded to
+    config.merge.storage_dtype (None: returned unchanged, no copy)."""
+    if config.merge.storage_dtype is None:
+        return tree
+    dtype = jnp.dtype(config.merge.storage_dtype)
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def merge_models(config, params_k, base, methods=None, *, val_loss=None, record=None) -> dict:
     """Merges stacked replicas `[K, ...]` with each method (default config.merge.methods).
 
+    Every call into `psm.merge` for a run is made here. The replicas and the base
+    are first rounded to config.merge.storage_dtype (`stored`), as the merge of
+    released checkpoints would see them.
+
+    Args:
+      config: the run config (config.merge: seed, resample, ties_*, dare_*).
+      params_k: replicas, leaves `[K, ...]`.
+      base: the base model, leaves `[...]`.
+      methods: names from METHODS; 'ensemble' is skipped (it is not one parameter
+        tree: see `psm.evaluation.lm.logit_ensemble`).
+      val_loss: stacked `[M, ...]` trees (the dtypes of `base`) -> `[M]`
+        validation losses; needed by best_single and greedy_soup.
+      record: optional dict, filled with what the reference rows chose:
+        {"best_single": {"replica"}, "greedy_soup": {"order", "kept", "steps"}}.
     Returns:
-      name -> merged parameter tree; select_resample is named `select_resample<n>`.
+      name (`row_name`) -> merged tree, merged in the storage dtype and returned
+      in the dtypes of `base` (exact when the storage dtype is the narrower one),
+      so that every caller scores and exports what a merge of stored
+      checkpoints gives.
     """
-    key = jax.random.key(config.merge.seed)
+    like = base
+    params_k, base = stored(config, params_k), stored(config, base)
+    if config.merge.storage_dtype is not None:
+        back = lambda tree: _cast_like(tree, like)
+        val_loss = val_loss and (lambda tree, fn=val_loss: fn(back(tree)))
+    else:
+        back = lambda tree: tree
+    m = config.merge
+    key = jax.random.key(m.seed)
+    record = {} if record is None else record
+    replica_loss = None
     out = {}
-    for method in methods or config.merge.methods:
+    for method in methods or m.methods:
         if method == "average":
             out["average"] = merge.average(params_k, stacked=True)
         elif method == "select":
             out["select"] = merge.select(params_k, key=key, stacked=True)
         elif method == "select_resample":
-            out[f"select_resample{config.merge.resample}"] = merge.select(
-                params_k, key=key, base=base, resample=config.merge.resample, stacked=True)
-    return out
+            out[row_name(config, method)] = merge.select(params_k, key=key, base=base,
+                                                         resample=m.resample, stacked=True)
+        elif method == "ties":
+            # weights 1 + normalize: the disjoint mean of the agreeing trimmed task vectors.
+            out["ties"] = merge.ties(params_k, base, m.ties_density, trim=m.ties_trim,
+                                     stacked=True)
+        elif method == "dare":
+            # normalize: the mean of the K rescaled sparse task vectors (an average in
+            # expectation). Its own key: select's draws (stream 0) stay independent.
+            out["dare"] = merge.dare(params_k, base, m.dare_drop_rate,
+                                     key=jax.random.fold_in(key, 1), rescale=m.dare_rescale,
+                                     combine=m.dare_combine, normalize=True, stacked=True)
+        elif method in ("best_single", "greedy_soup"):
+            if val_loss is None:
+                raise ValueError(f"merge method {method!r} needs the replicas' validation "
+                                 "losses (val_loss=...)")
+            if replica_loss is None:
+                replica_loss = np.asarray(val_loss(params_k), np.float64)
+            if method == "best_single":
+                best = int(np.argmin(replica_loss))
+                record["best_single"] = {"replica": best}
+                out["best_single"] = replicas.unstack(params_k, best)
+            else:
+                out["greedy_soup"], record["greedy_soup"] = _greedy_soup(
+                    params_k, replica_loss, val_loss)
+    return {name: back(tree) for name, tree in out.items()}
+
+
+def _greedy_soup(params_k, replica_loss: np.ndarray, val_loss):
+    """Greedy soup (Wortsman et al. 2022) of stacked replicas.
+
+    Replicas in order of validation loss (best first, ties by index); the soup
+    starts as the best one; each next replica joins when the uniform average of
+    the soup plus it has a strictly lower validation loss than the soup.
+
+    Returns:
+      (soup tree, {"replica_val_loss": [K] (as used), "order": [K], "kept": [replica
+      ids], "steps": [{"replica", "val_loss" (of the candidate), "kept"}], "val_loss"}).
+    """
+    k = len(replica_loss)
+    order = [int(i) for i in np.argsort(replica_loss, kind="stable")]
+    kept = [order[0]]
+    soup, soup_loss = replicas.unstack(params_k, order[0]), float(replica_loss[order[0]])
+    steps = []
+    for i in order[1:]:
+        weights = np.zeros(k)
+        weights[kept + [i]] = 1.0 / (len(kept) + 1)
+        candidate = merge.average(params_k, weights=weights, stacked=True)
+        loss = float(np.asarray(val_loss(jax.tree.map(lambda x: x[None], candidate)))[0])
+        joins = loss < soup_loss
+        steps.append({"replica": i, "val_loss": loss, "kept": joins})
+        if joins:
+            kept.append(i)
+            soup, soup_loss = candidate, loss
+    return soup, {"replica_val_loss": [float(x) for x in replica_loss], "order": order,
+                  "kept": kept, "steps": steps, "val_loss": soup_loss}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -287,59 +433,140 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_seconds = time.time() - t_train
 
     # ------------------------------------------------------------------ merge
+    # Every row is scored from the replicas as stored (config.merge.storage_dtype),
+    # cast back to the training dtype for evaluation.
     t_merge = time.time()
-    merged = merge_models(config, params_k, base)
+    stored_k, stored_base = stored(config, params_k), stored(config, base)
+    eval_k = _cast_like(stored_k, base)
+
+    def val_loss_fn(tree_m):
+        return runner.validation_loss(eval_step, _cast_like(tree_m, base), val_arrays,
+                                      config.eval.batch_size)
+
+    chosen: dict = {}
+    merged = merge_models(config, params_k, base, val_loss=val_loss_fn, record=chosen)
     merged = jax.block_until_ready(merged)
     merge_seconds = time.time() - t_merge
     exported = _export_hf(config, workdir, model_cfg, merged, tokenizer)
 
     # --------------------------------------------------------------- evaluate
-    names = [f"replica {i}" for i in range(k)] + list(merged)
-    singles = [replicas.unstack(params_k, i) for i in range(k)]
-    models_m = lm.stack_models(singles + list(merged.values()))
-    evaluated = runner.evaluate_models(graphdef, models_m, names, task, val_arrays, config,
-                                       eval_step)
-    val_loss, accuracy = evaluated["val_loss"], evaluated["test_accuracy"]
+    names = [f"replica {i}" for i in range(k)] + [row_name(config, m)
+                                                  for m in config.merge.methods]
+    scored = _score_models(config, graphdef, eval_step, eval_k, merged, base, task,
+                           val_arrays, train_arrays)
+    val_loss = np.array([scored[n]["val_loss"] for n in names])
+    accuracy = np.array([scored[n]["test_accuracy"] for n in names])
+    train_losses = np.stack([scored[n]["train_losses"] for n in names])
     test = task.splits["test"]
-    train_losses = lm.per_sample_losses(eval_step, models_m, train_arrays,
-                                        config.eval.batch_size, desc="per-sample train loss")
     positions = orders.first_epoch_positions(**order_kw)
-    unchanged = [float(np.mean(np.concatenate([
-        np.asarray(a == b).ravel() for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(base))])))
-        for s in singles]
+    unchanged = diagnostics.fraction_unchanged(params_k, base)
+    unchanged_storage = diagnostics.fraction_unchanged(stored_k, stored_base)
+    t_barrier = time.time()
+    barrier = _barrier_report(config, val_loss_fn, stored_k, stored_base, merged, base) \
+        if config.eval.barrier else None
+    barrier_seconds = time.time() - t_barrier
 
     # ----------------------------------------------------------------- report
+    merged_names = names[k:]
     ids = [e["id"] for e in task.splits["train"]]
     report.write_per_sample(workdir, ids, positions, train_losses[:k],
-                            dict(zip(list(merged), train_losses[k:])))
-    report.write_test_predictions(workdir, evaluated["per_example"])
+                            dict(zip(merged_names, train_losses[k:])))
+    report.write_test_predictions(workdir, {n: scored[n]["per_example"] for n in names})
     stats = imbalance.imbalance_report(positions, train_losses[:k], config.eval.num_bins)
     merged_trend = {name: imbalance.trend(positions[0], train_losses[k + j], config.eval.num_bins)
-                    for j, name in enumerate(merged)}
+                    for j, name in enumerate(merged_names)}
     plots = imbalance.redraw(workdir, config.eval.num_bins)
+    models = {name: {"val_loss": float(val_loss[m]), "test_accuracy": float(accuracy[m]),
+                     "train_loss": float(train_losses[m].mean())}
+              for m, name in enumerate(names)}
+    for name, choice in chosen.items():
+        models[name].update(choice)  # best_single: its replica; greedy_soup: what it kept
+    if "ensemble" in models:
+        models["ensemble"]["members"] = k
     results = {
-        "models": {name: {"val_loss": float(val_loss[m]), "test_accuracy": float(accuracy[m]),
-                          "train_loss": float(train_losses[m].mean())}
-                   for m, name in enumerate(names)},
+        "models": models,
         "singles": {"val_loss_mean": float(val_loss[:k].mean()),
                     "val_loss_std": float(val_loss[:k].std()),
                     "test_accuracy_mean": float(accuracy[:k].mean()),
                     "test_accuracy_std": float(accuracy[:k].std())},
         "imbalance": {"replicas": stats, "merged_vs_replica0_positions": merged_trend},
+        "storage_dtype": str(jnp.dtype(config.merge.storage_dtype or
+                                       jax.tree.leaves(base)[0].dtype)),
         "fraction_unchanged_from_base": unchanged,
+        "fraction_unchanged_from_base_storage": unchanged_storage,
+        "barrier": barrier,
         "data": {"train": train_stats, "validation": val_stats, "test": len(test)},
         "steps": total_steps,
         # Where this invocation started training (0: from the base; total_steps:
         # nothing left to train), so a resume can be checked from the outside.
         "resumed_from_step": start,
+        # merge: includes greedy soup's validation passes; barrier: the diagnostics.
         "seconds": {"train": train_seconds, "merge": merge_seconds,
-                    "total": time.time() - t_start},
+                    "barrier": barrier_seconds, "total": time.time() - t_start},
         "plots": [os.path.relpath(p, workdir) for p in plots],
         "exported": exported,
     }
     wd.write_json(workdir, "results.json", results)
     print(report.format_table(results, k))
+    if barrier is not None:
+        print(report.format_barrier(barrier))
     return results
+
+
+def _cast_like(tree, like):
+    """`tree`'s leaves (stacked or not) cast to the dtypes of `like`'s leaves."""
+    return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
+
+
+def _score_models(config, graphdef, eval_step, eval_k, merged: dict, base, task, val_arrays,
+                  train_arrays) -> dict:
+    """Validation loss, test generations and per-sample train losses of every row.
+
+    The replicas and the merged trees are scored in one stacked evaluation; the
+    logit ensemble (config.merge.methods has 'ensemble') is one more model with
+    its own graph (K members inside it).
+
+    Returns:
+      name -> {"val_loss", "test_accuracy", "per_example", "train_losses": [N_train]}.
+    """
+    k = jax.tree.leaves(eval_k)[0].shape[0]
+    names = [f"replica {i}" for i in range(k)] + list(merged)
+    models_m = lm.stack_models([replicas.unstack(eval_k, i) for i in range(k)]
+                               + [_cast_like(t, base) for t in merged.values()])
+    runs = [(graphdef, eval_step, models_m, names)]
+    if "ensemble" in config.merge.methods:
+        ens_graphdef, ens_state = lm.logit_ensemble(graphdef, eval_k)
+        runs.append((ens_graphdef, replicas.make_eval_step(ens_graphdef),
+                     lm.stack_models([ens_state]), ["ensemble"]))
+    out = {}
+    for gdef, step, params_m, run_names in runs:
+        evaluated = runner.evaluate_models(gdef, params_m, run_names, task, val_arrays, config,
+                                           step)
+        train = lm.per_sample_losses(step, params_m, train_arrays, config.eval.batch_size,
+                                     desc="per-sample train loss")
+        for m, name in enumerate(run_names):
+            out[name] = {"val_loss": evaluated["val_loss"][m],
+                         "test_accuracy": evaluated["test_accuracy"][m],
+                         "per_example": evaluated["per_example"][name],
+                         "train_losses": train[m]}
+    return out
+
+
+def _barrier_report(config, val_loss_fn, stored_k, stored_base, merged: dict, base) -> dict:
+    """Merge-readiness diagnostics (`psm.diagnostics`) of the stored replicas.
+
+    The straight lines run between the stored replicas (and their stored
+    average) cast to the training dtype of `base`, so that interpolated models
+    are not rounded again.
+    """
+    average = merged.get("average")
+    if average is None:
+        average = merge_models(config, stored_k, stored_base, methods=("average",))["average"]
+    out = diagnostics.loss_barriers(val_loss_fn, _cast_like(stored_k, base),
+                                    _cast_like(average, base), config.eval.barrier_grid,
+                                    config.eval.barrier_models_per_pass)
+    out["task_vectors"] = diagnostics.task_vector_geometry(stored_k, stored_base)
+    return out
 
 
 def _export_hf(config, workdir: str, model_cfg, merged: dict, tokenizer) -> dict:
@@ -350,8 +577,7 @@ def _export_hf(config, workdir: str, model_cfg, merged: dict, tokenizer) -> dict
     """
     out = {}
     for method in config.export.hf:
-        name = f"select_resample{config.merge.resample}" if method == "select_resample" \
-            else method
+        name = row_name(config, method)
         folder = os.path.join(workdir, "export", name)
         hf_llama.save_hf_llama(folder, model_cfg, merged[name], tokenizer=tokenizer,
                                dtype=config.export.dtype or None)

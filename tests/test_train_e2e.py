@@ -55,7 +55,7 @@ def test_run_writes_every_report_file(finished_run):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     names = list(results["models"])
     assert names == [f"replica {i}" for i in range(k)] + [
-        "average", "select", f"select_resample{c.merge.resample}"]
+        "average", "select", f"select_resample{c.merge.resample}", "greedy_soup", "ensemble"]
     for m in results["models"].values():
         assert np.isfinite(m["val_loss"]) and 0.0 <= m["test_accuracy"] <= 1.0
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -78,7 +78,8 @@ def test_per_sample_records_join_ids_positions_and_losses(finished_run):
                                        batch_size=c.train.batch_size)
     np.testing.assert_allclose(np.array([r["position"] for r in rows]).T, pos, atol=1e-6)
     merged = set(rows[0]["loss"]["merged"])
-    assert merged == {"average", "select", f"select_resample{c.merge.resample}"}
+    assert merged == {"average", "select", f"select_resample{c.merge.resample}", "greedy_soup",
+                      "ensemble"}
     losses = np.array([r["loss"]["replicas"] for r in rows])
     assert losses.shape == (c.task.num_train, c.num_replicas) and np.all(losses > 0)
     np.testing.assert_allclose(losses.mean(0), [results["models"][f"replica {i}"]["train_loss"]

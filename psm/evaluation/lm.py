@@ -7,17 +7,19 @@ vmapped program over all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
 from psm.data import tasks
-from psm.models import decode
+from psm.models import decode, llama
 
 
 def per_sample_losses(eval_step, params_m, arrays: dict[str, np.ndarray], batch_size: int,
@@ -82,3 +84,68 @@ def stack_models(trees: list) -> object:
     """Stacks M trees of identical structure into one `[M, ...]` tree."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
+
+
+class LogitEnsemble(nnx.Module):
+    """K models behind one model's interface: the output is log of the mean of
+    the K models' next-token probabilities.
+
+    Used as an ordinary model (`nnx.split` gives a graphdef and a state whose
+    leaves are the members' `[K, ...]` parameters), so the existing eval step
+    scores it (cross-entropy of log-mean-probabilities = -log mean_k p_k(target))
+    and the existing decoder generates from it (greedy = argmax of the mean
+    probability). Each call runs the K members in one `jax.vmap`: K forward passes.
+
+    Its `config` is the members' with `num_layers` multiplied by K, only so that
+    `KVCache.create(model.config, ...)` allocates one cache for all members:
+    `[K * L, B, S, KV, hd]`, member k owning layers `k*L .. k*L + L - 1`.
+    """
+
+    def __init__(self, member: nnx.Module, k: int):
+        self.member = member  # one model object whose parameters are stacked [K, ...]
+        self.k = k
+        self.config = dataclasses.replace(member.config,
+                                          num_layers=k * member.config.num_layers)
+
+    def _vmapped(self, fn, *args):
+        graphdef, state = nnx.split(self.member)
+        return jax.vmap(lambda s, *a: fn(nnx.merge(graphdef, s), *a))(state, *args)
+
+    @staticmethod
+    def _mix(logits):
+        """`[K, ..., V]` member logits -> `[..., V]` log of the mean probability (float32)."""
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jax.nn.logsumexp(logp, axis=0) - jnp.log(logits.shape[0])
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None):
+        return self._mix(self._vmapped(
+            lambda m: m(tokens, positions=positions, segment_ids=segment_ids)))
+
+    def decode(self, tokens, positions, segment_ids, cache: llama.KVCache):
+        layers = self.member.config.num_layers
+        per_member = lambda a: a.reshape((self.k, layers) + a.shape[1:])
+
+        def one(model, k_all, v_all):
+            logits, c = model.decode(tokens, positions, segment_ids, llama.KVCache(
+                k=k_all, v=v_all, segment_ids=cache.segment_ids, length=cache.length))
+            return logits, c.k, c.v, c.segment_ids, c.length
+
+        logits, k_all, v_all, seg, length = self._vmapped(
+            one, per_member(cache.k), per_member(cache.v))
+        joined = lambda a: a.reshape((self.k * layers,) + a.shape[2:])
+        # Segment ids and length are the same for every member (same tokens).
+        return self._mix(logits), llama.KVCache(k=joined(k_all), v=joined(v_all),
+                                                segment_ids=seg[0], length=length[0])
+
+
+def logit_ensemble(graphdef, params_k):
+    """The logit ensemble of K stacked models as one model.
+
+    Args:
+      graphdef: the members' graph definition.
+      params_k: the members' parameters, leaves `[K, ...]`.
+    Returns:
+      (graphdef, state) of a `LogitEnsemble`; its state leaves are `params_k`'s.
+    """
+    k = jax.tree.leaves(params_k)[0].shape[0]
+    return nnx.split(LogitEnsemble(nnx.merge(graphdef, params_k), k))

@@ -18,6 +18,13 @@ def token_weighted_loss(per_sample: np.ndarray, arrays) -> np.ndarray:
     return (per_sample * counts).sum(axis=1) / counts.sum()
 
 
+def validation_loss(eval_step, params_m, val_arrays, batch_size: int,
+                    desc: str | None = None) -> np.ndarray:
+    """Token-weighted validation loss `[M]` of M stacked models `[M, ...]`."""
+    per_sample = lm.per_sample_losses(eval_step, params_m, val_arrays, batch_size, desc=desc)
+    return token_weighted_loss(per_sample, val_arrays)
+
+
 def evaluate_models(graphdef, params_m, names: list[str], task, val_arrays, config,
                     eval_step=None) -> dict:
     """Scores M stacked models.
@@ -34,9 +41,8 @@ def evaluate_models(graphdef, params_m, names: list[str], task, val_arrays, conf
        "per_example": {name: [{id, prediction, extracted, correct}, ...]}}.
     """
     eval_step = eval_step or replicas.make_eval_step(graphdef)
-    val_per_sample = lm.per_sample_losses(eval_step, params_m, val_arrays,
-                                          config.eval.batch_size, desc="validation loss")
-    val_loss = token_weighted_loss(val_per_sample, val_arrays)
+    val_loss = validation_loss(eval_step, params_m, val_arrays, config.eval.batch_size,
+                               desc="validation loss")
     test = task.splits["test"]
     texts = lm.generate_texts(graphdef, params_m, task.tokenizer, [task.prompt(e) for e in test],
                               batch_size=config.eval.batch_size,
