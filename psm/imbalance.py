@@ -23,8 +23,12 @@ def binned_means(positions: np.ndarray, losses: np.ndarray, num_bins: int):
     equals an edge exactly lands in the bin it starts; `np.linspace` edges can
     be one ulp above (0.6000000000000001), which moved such samples a bin down.
     """
+    positions = np.asarray(positions)
+    if positions.size and not (positions.min() >= 0.0 and positions.max() < 1.0):
+        raise ValueError(f"positions must lie in [0, 1) (a sample's index in the epoch "
+                         f"over N); got values in [{positions.min()}, {positions.max()}]")
     edges = np.arange(num_bins + 1) / num_bins
-    which = np.clip(np.digitize(positions, edges) - 1, 0, num_bins - 1)
+    which = np.digitize(positions, edges) - 1
     means = np.array([losses[which == b].mean() if np.any(which == b) else np.nan
                       for b in range(num_bins)])
     return (edges[:-1] + edges[1:]) / 2, means
@@ -65,6 +69,8 @@ def imbalance_report(positions: np.ndarray, losses: np.ndarray, num_bins: int = 
     return {"raw": raw, "controlled": controlled}
 
 
+# Plotting is cosmetic (figure sizes, colours, labels): mutation testing skips it.
+# pragma: no mutate start
 def plot_loss_vs_position(positions: np.ndarray, losses: np.ndarray, path: str,
                           num_bins: int = 20, title: str = "") -> None:
     """Scatter + binned means of final loss vs epoch-1 position, one panel per replica."""
@@ -125,6 +131,7 @@ def plot_anchor_view(positions: np.ndarray, losses: np.ndarray, merged: dict, pa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+# pragma: no mutate end
 
 
 def load_records(workdir: str) -> tuple[np.ndarray, np.ndarray, dict, list[int]]:

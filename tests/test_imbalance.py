@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -91,9 +92,44 @@ def test_binned_means_put_edge_positions_in_the_bin_they_start():
     centres, means = imbalance.binned_means(positions, np.arange(n, dtype=float), bins)
     np.testing.assert_allclose(centres, [0.1, 0.3, 0.5, 0.7, 0.9])
     np.testing.assert_array_equal(means, [0.5, 2.5, 4.5, 6.5, 8.5])
-    # An empty bin is NaN, not an error or a zero.
-    _, sparse = imbalance.binned_means(np.array([0.05, 0.95]), np.array([1.0, 3.0]), 4)
+    # An empty bin is NaN, not an error or a zero, and no empty slice is averaged.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, sparse = imbalance.binned_means(np.array([0.05, 0.95]), np.array([1.0, 3.0]), 4)
     assert sparse[0] == 1.0 and sparse[3] == 3.0 and np.isnan(sparse[1]) and np.isnan(sparse[2])
+
+
+@pytest.mark.parametrize("bad", [[0.2, 1.0], [-0.1, 0.5], [0.3, np.nan]])
+def test_binned_means_refuse_positions_outside_the_unit_interval(bad):
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 1\)"):
+        imbalance.binned_means(np.array(bad), np.ones(len(bad)), 4)
+
+
+def test_trend_reports_the_p_value_and_default_bins():
+    rng = np.random.default_rng(5)
+    pos = rng.permutation(300) / 300
+    losses = pos + rng.normal(0, 1.0, 300)
+    t = imbalance.trend(pos, losses)
+    rho, p = __import__("scipy").stats.spearmanr(pos, losses)
+    assert t["spearman"] == rho and t["spearman_p"] == p
+    assert len(t["binned_means"]) == 20 and len(t["quintile_means"]) == 5
+    rep = imbalance.imbalance_report(np.stack([pos, pos[::-1]]), np.stack([losses, losses]))
+    assert all(len(x["binned_means"]) == 20 for x in rep["raw"] + rep["controlled"])
+    rep = imbalance.imbalance_report(np.stack([pos, pos[::-1]]), np.stack([losses, losses]),
+                                     num_bins=7)
+    assert all(len(x["binned_means"]) == 7 for x in rep["raw"] + rep["controlled"])
+
+
+def test_controlled_trend_needs_two_replicas():
+    rep = imbalance.imbalance_report(HAND_POSITIONS[:1], HAND_LOSSES[:1], num_bins=5)
+    assert rep["controlled"] is None and len(rep["raw"]) == 1
+    # K = 2: each replica's loss minus the other's.
+    rep = imbalance.imbalance_report(HAND_POSITIONS[:2], HAND_LOSSES[:2], num_bins=5)
+    np.testing.assert_allclose(rep["controlled"][0]["binned_means"],
+                               HAND_LOSSES[0] - HAND_LOSSES[1], atol=1e-12)
+    # Replica 1's positions run backwards: bin b holds sample 4 - b.
+    np.testing.assert_allclose(rep["controlled"][1]["binned_means"],
+                               (HAND_LOSSES[1] - HAND_LOSSES[0])[::-1], atol=1e-12)
 
 
 def test_quintile_table_of_a_linear_trend():

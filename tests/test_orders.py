@@ -63,3 +63,54 @@ def test_first_epoch_positions_invert_the_order():
     for k in range(K):
         order = _real(orders.epoch_order(0, k, 0, N, B))
         np.testing.assert_allclose(pos[k, order], np.arange(N) / N)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_padding_rows_are_minus_one_int64(fixed):
+    order = orders.epoch_order(0, 1, 0, N, B, fixed)
+    assert order.dtype == np.int64
+    assert set(order[order < 0].tolist()) == {-1}
+    if not fixed:  # the standard mode pads at the end of the epoch
+        assert set(order[N:].tolist()) == {-1}
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_orders_are_pure_functions_of_seed_replica_epoch(fixed):
+    for k in range(K):
+        np.testing.assert_array_equal(orders.epoch_order(5, k, 2, N, B, fixed),
+                                      orders.epoch_order(5, k, 2, N, B, fixed))
+
+
+def test_fixed_intra_batch_orders_follow_the_documented_seeds():
+    """Membership from [seed, SHARED, epoch]; replica k's batch order from
+    [seed, k, epoch, BATCHES] (module docstring)."""
+    spe = orders.steps_per_epoch(N, B)
+    shared = np.random.default_rng([7, 2**31 - 1, 1]).permutation(N)
+    batches = np.concatenate([shared, np.full(spe * B - N, -1)]).reshape(spe, B)
+    for k in range(K):
+        visit = np.random.default_rng([7, k, 1, 1]).permutation(spe)
+        np.testing.assert_array_equal(orders.epoch_order(7, k, 1, N, B, True),
+                                      batches[visit].reshape(-1))
+    std = np.random.default_rng([7, 2, 1]).permutation(N)
+    np.testing.assert_array_equal(orders.epoch_order(7, 2, 1, N, B)[:N], std)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_batch_indices_slice_each_replicas_epoch_order(fixed):
+    spe = orders.steps_per_epoch(N, B)
+    kw = dict(data_seed=2, num_replicas=K, num_samples=N, batch_size=B)
+    if fixed:
+        kw["fixed_intra_batch"] = True
+    for step in (0, spe - 1, spe, 2 * spe + 3):
+        epoch, within = divmod(step, spe)
+        want = np.stack([orders.epoch_order(2, k, epoch, N, B, fixed)[within * B:(within + 1) * B]
+                         for k in range(K)])
+        np.testing.assert_array_equal(orders.batch_indices(step, **kw), want)
+
+
+def test_first_epoch_positions_invert_the_fixed_intra_batch_order():
+    pos = orders.first_epoch_positions(data_seed=4, num_replicas=K, num_samples=N,
+                                       batch_size=B, fixed_intra_batch=True)
+    for k in range(K):
+        order = _real(orders.epoch_order(4, k, 0, N, B, True))
+        np.testing.assert_array_equal(pos[k, order], np.arange(N) / N)
