@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -156,7 +157,10 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
             raise UserError(missing)
         return flags.FLAGS(argv)  # --help prints and exits in here
     except flags.Error as e:
-        sys.exit(report(UserError(f"{one_line(e)} (see --helpshort)"), verbose))
+        # "flag --x=None: Flag --x must have a value other than None." -> "--x is required"
+        text = re.sub(r"flag --(\w+)=None: Flag --\1 must have a value other than None\.",
+                      r"--\1 is required", one_line(e))
+        sys.exit(report(UserError(f"{text} (see --helpshort)"), verbose))
     except (AttributeError, KeyError) as e:
         # ml_collections raises these from deep inside absl for a `--config.` key
         # that names no field.

@@ -11,6 +11,10 @@ model. Writes `eval.json` (to `--out`, default the checkpoint folder or the
 current folder) with the metrics and per-example results (id, prediction,
 extracted answer, correct), using the same code as the trainer's final
 evaluation.
+
+A bad flag or `--checkpoint` (missing, a folder without config.json, a run that
+failed before its first checkpoint, a workdir of another config) is one
+`error:` line, exit status 2, before any model is loaded (`psm.cli`).
 """
 
 from __future__ import annotations

@@ -102,6 +102,8 @@ def inputs(tmp_path_factory):
 # (id, argv after `python -m`, substrings stderr must hold, substrings it must not hold,
 #  paths (relative to the inputs folder) that must not exist afterwards)
 CASES = [
+    ("train-required-flags", ["psm.train"], ["--config is required", "--workdir is required"],
+     [], []),
     ("train-missing-config-file", ["psm.train", "--config={dir}/nope.py", "--workdir={dir}/w"],
      ["nope.py", "no such file"], [], ["w"]),
     ("train-unknown-flag", ["psm.train", f"--config={TINY}", "--workdir={dir}/w", "--bogus=1"],
