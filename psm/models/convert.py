@@ -53,6 +53,11 @@ def main(argv=None) -> None:
         atomic_out.check_destination(out, args.overwrite, allow_empty_dir=True)
     except ValueError as e:
         ap.error(str(e))
+    parent = os.path.dirname(out)
+    while parent and not os.path.exists(parent):  # missing folders are created
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        ap.error(f"--out {args.out}: {parent} is a file, not a folder")
     if args.kind in ("gguf", "hf") and not args.path:
         ap.error(f"--kind={args.kind} needs --path (the source GGUF file or HF folder)")
     spec = {"kind": args.kind} | ({"path": args.path} if args.path else {})
