@@ -222,8 +222,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("psm").setLevel(logging.INFO)
-    # Refused before anything is loaded.
-    _check_selection(_CHECKPOINT.value, _kind(_CHECKPOINT.value), _MERGE.value, _REPLICA.value)
+    # Refused before anything is loaded (eval.json is written after the evaluation).
+    kind = _kind(_CHECKPOINT.value)
+    _check_selection(_CHECKPOINT.value, kind, _MERGE.value, _REPLICA.value)
+    wd.check_writable(_OUT.value or (_CHECKPOINT.value if os.path.isdir(_CHECKPOINT.value)
+                                     else "."), what="--out")
     evaluate(_CONFIG.value, _CHECKPOINT.value, merge=_MERGE.value, replica=_REPLICA.value,
              out=_OUT.value)
 

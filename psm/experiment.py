@@ -275,6 +275,7 @@ def main(argv) -> None:
                 command = json.load(f).get("command", command)
     else:
         check_seed_folders(config, workdir, seeds)
+        wd.check_writable(workdir)
         os.makedirs(workdir, exist_ok=True)
         wd.write_json(workdir, "experiment.json", {
             "command": command, "seeds": seeds, "base_data_seed": int(config.data_seed),

@@ -24,8 +24,9 @@ def config_to_dict(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def check_writable(workdir: str) -> None:
-    """Refuses a workdir that cannot be created or written, without creating anything.
+def check_writable(workdir: str, what: str = "workdir") -> None:
+    """Refuses a workdir (or another output folder, named `what` in the message)
+    that cannot be created or written, without creating anything.
 
     Raises:
       PermissionError: naming the folder that refuses the write (the workdir
@@ -39,10 +40,11 @@ def check_writable(workdir: str) -> None:
             break
         probe = parent
     if not os.path.isdir(probe):
-        raise PermissionError(f"workdir {workdir}: {probe} is a file, not a folder")
+        raise PermissionError(f"{what} {workdir}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        what = "is not writable" if probe == path else f"cannot be created: {probe} is not writable"
-        raise PermissionError(f"workdir {workdir} {what} (permission denied)")
+        problem = ("is not writable" if probe == path
+                   else f"cannot be created: {probe} is not writable")
+        raise PermissionError(f"{what} {workdir} {problem} (permission denied)")
 
 
 def prepare(workdir: str, config) -> bool:
