@@ -50,10 +50,9 @@ def tokenizer_of(model_cfg) -> Tokenizer:
     spec = model_spec(model_cfg)
     kind, path = spec["kind"], spec.get("path")
     if kind in ("smollm2", "gguf"):
-        import gguf
-        from psm.models.gguf_llama import read_metadata
+        from psm.models.gguf_llama import open_reader, read_metadata
         path = path or registry.smollm2_gguf_path()
-        return Tokenizer.from_gguf_metadata(read_metadata(gguf.GGUFReader(path)), where=path)
+        return Tokenizer.from_gguf_metadata(read_metadata(open_reader(path)), where=path)
     if kind == "hf" and path:
         return Tokenizer.from_dir(path)
     raise ValueError(f"config.model.kind={kind!r} (path {path!r}) names no tokenizer; "

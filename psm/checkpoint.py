@@ -69,7 +69,15 @@ def restore_tree(path: str, like: Any) -> Any:
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such orbax checkpoint folder")
+    if not os.path.exists(os.path.join(path, "_METADATA")):
+        raise ValueError(f"{path} is not an orbax checkpoint: it has no _METADATA file "
+                         f"(it holds {sorted(os.listdir(path))[:5]})")
     try:
         return ocp.StandardCheckpointer().restore(path, abstract)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ValueError(f"{path} is not an orbax checkpoint of the config's model: {e}") from e
+        # orbax's message dumps both trees; its first line says what differs.
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: its tree does not match the config's model ({first}); "
+                         "pass the config it was saved with") from e

@@ -11,6 +11,10 @@ model. Writes `eval.json` (to `--out`, default the checkpoint folder or the
 current folder) with the metrics and per-example results (id, prediction,
 extracted answer, correct), using the same code as the trainer's final
 evaluation.
+
+A bad flag or `--checkpoint` (missing, a folder without config.json, a run that
+failed before its first checkpoint, a workdir of another config) is one
+`error:` line, exit status 2, before any model is loaded (`psm.cli`).
 """
 
 from __future__ import annotations
@@ -19,38 +23,64 @@ import json
 import logging
 import os
 
-import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from psm import base_model, checkpoint, replicas
-from psm.data import paper_tasks, tasks
-from psm.evaluation import lm, runner
-from psm.trainer import MERGE_METHODS, make_optimizer, merge_models
+from psm import cli
+from psm import workdir as wd
+
+# JAX, the models and the trainer are imported where they are used, so that a bad
+# flag or --checkpoint path is refused before those imports (seconds).
 
 log = logging.getLogger(__name__)
+# psm.trainer.MERGE_METHODS (checked by a test), spelt out to keep the import light.
+MERGE_CHOICES = ("average", "select", "select_resample", "ties", "dare")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
                                           lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "psm workdir, HF folder or orbax "
                                   "checkpoint of one parameter tree.")
-_MERGE = flags.DEFINE_enum("merge", None, list(MERGE_METHODS), "Merge a workdir's replicas "
+_MERGE = flags.DEFINE_enum("merge", None, list(MERGE_CHOICES), "Merge a workdir's replicas "
                            "with this method first.")
 _REPLICA = flags.DEFINE_integer("replica", None, "Evaluate only this replica of a workdir.")
 _OUT = flags.DEFINE_string("out", None, "Folder for eval.json (default: see module doc).")
 
 
+def _looks_like_psm_config(path: str) -> bool:
+    """Whether `path` is a psm run's config.json (not a Hugging Face model config)."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "num_replicas" in cfg and "task" in cfg
+
+
 def _kind(path: str) -> str:
-    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(
-            os.path.join(path, "config.json")):
+    """'workdir', 'hf' or 'orbax' for a --checkpoint path; a ValueError naming what
+    is missing otherwise (checked before anything is loaded)."""
+    if not os.path.exists(path):
+        raise ValueError(f"--checkpoint {path}: no such file or folder")
+    if not os.path.isdir(path):
+        raise ValueError(f"--checkpoint {path} is a file; expected a psm workdir, a Hugging "
+                         "Face model folder or an orbax checkpoint folder")
+    config_json = os.path.join(path, "config.json")
+    if os.path.exists(config_json) and _looks_like_psm_config(config_json):
+        ckpts = os.path.join(path, "checkpoints")
+        if not (os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))):
+            raise ValueError(
+                f"--checkpoint {path} is a psm workdir without a checkpoint ({ckpts} holds no "
+                "step folder): its run failed or stopped before its first checkpoint; rerun "
+                "`python -m psm.train` on it")
         return "workdir"
-    if os.path.exists(os.path.join(path, "config.json")):
+    if os.path.exists(config_json):
         return "hf"
-    if os.path.isdir(path):
-        return "orbax"
-    raise ValueError(f"--checkpoint {path!r} is not a psm workdir (checkpoints/ + config.json), "
-                     "an HF folder (config.json + safetensors) or an orbax checkpoint folder")
+    weights = sorted(n for n in os.listdir(path) if n.endswith((".safetensors", ".bin", ".gguf")))
+    if weights:
+        raise ValueError(f"--checkpoint {path} holds {weights[:3]} but no config.json: a "
+                         "Hugging Face model folder needs its config.json beside the weights")
+    return "orbax"  # restore_tree names the folder if it is not one
 
 
 def load_models(config, path: str, *, merge: str | None = None, replica: int | None = None):
@@ -61,6 +91,12 @@ def load_models(config, path: str, *, merge: str | None = None, replica: int | N
     """
     kind = _kind(path)
     _check_selection(path, kind, merge, replica)
+    import jax
+
+    from psm import base_model, checkpoint, replicas
+    from psm.data import tasks
+    from psm.evaluation import lm
+    from psm.trainer import make_optimizer, merge_models
     if kind == "hf":
         cfg = dict(config.model.to_dict(), kind="hf", path=path, init="pretrained")
         graphdef, params, tokenizer, _ = base_model.load_base(_with_model(config, cfg), "")
@@ -87,8 +123,13 @@ def load_models(config, path: str, *, merge: str | None = None, replica: int | N
     state_like = {"params": params_like,
                   "opt_state": jax.eval_shape(lambda p: replicas.init_opt_state(tx, p),
                                               params_like)}
-    params_k = ckpt.restore(step, state_like)["params"]
-    ckpt.close()
+    try:
+        params_k = ckpt.restore(step, state_like)["params"]
+    except (ValueError, KeyError, TypeError) as e:
+        _config_mismatch(config, path, e)
+        raise
+    finally:
+        ckpt.close()
     if replica is not None:
         if not 0 <= replica < k:
             raise ValueError(f"--replica={replica} is not in [0, {k})")
@@ -99,6 +140,22 @@ def load_models(config, path: str, *, merge: str | None = None, replica: int | N
         merged = merge_models(config, params_k, base, methods=(merge,))
         return graphdef, lm.stack_models(list(merged.values())), list(merged), tokenizer
     return graphdef, params_k, [f"replica {i}" for i in range(k)], tokenizer
+
+
+def _config_mismatch(config, path: str, error: Exception) -> None:
+    """Raises a ValueError listing the keys where --config differs from the workdir's
+    config.json, for a checkpoint that does not restore with --config's structure
+    (orbax's own message is a dump of both trees). Returns when they agree."""
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    diff = sorted(wd._diff_keys(saved, wd.config_to_dict(config)))
+    if not diff:
+        return
+    raise ValueError(
+        f"--config does not match the run in {path}: its checkpoint does not restore with "
+        f"this config's model (differing keys vs {path}/config.json: {', '.join(diff[:20])}"
+        f"{' ...' if len(diff) > 20 else ''}); pass the config the run was trained with "
+        f"({type(error).__name__} from the restore; --verbose shows it)") from error
 
 
 def _check_selection(path: str, kind: str, merge, replica) -> None:
@@ -118,6 +175,7 @@ def _check_selection(path: str, kind: str, merge, replica) -> None:
 
 
 def _base_of(workdir: str, like):
+    from psm import checkpoint
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "base"), interval=1, keep=1)
     try:
         return ckpt.restore(ckpt.latest_step(), like)
@@ -135,6 +193,8 @@ def _with_model(config, model_cfg: dict):
 
 def evaluate(config, path: str, *, merge=None, replica=None, out=None) -> dict:
     """Evaluates and writes `eval.json`; returns its content."""
+    from psm.data import paper_tasks, tasks
+    from psm.evaluation import runner
     graphdef, params_m, names, tokenizer = load_models(config, path, merge=merge,
                                                        replica=replica)
     task = (tasks.get_task(config.task) if config.model.init == "pretrain"
@@ -162,15 +222,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("psm").setLevel(logging.INFO)
-    try:  # refused before anything is loaded
-        _check_selection(_CHECKPOINT.value, _kind(_CHECKPOINT.value), _MERGE.value,
-                         _REPLICA.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    # Refused before anything is loaded (eval.json is written after the evaluation).
+    kind = _kind(_CHECKPOINT.value)
+    _check_selection(_CHECKPOINT.value, kind, _MERGE.value, _REPLICA.value)
+    wd.check_writable(_OUT.value or (_CHECKPOINT.value if os.path.isdir(_CHECKPOINT.value)
+                                     else "."), what="--out")
     evaluate(_CONFIG.value, _CHECKPOINT.value, merge=_MERGE.value, replica=_REPLICA.value,
              out=_OUT.value)
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "checkpoint"])
-    app.run(main)
+    cli.run_absl(main)

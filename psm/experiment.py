@@ -10,6 +10,10 @@ exists is never retrained, an unfinished one resumes from its checkpoints. Then 
 report over all seeds is written into the workdir (`RESULTS.md`, `report.json`,
 `plots/`, see `psm.experiment_report`); `--report_only` rebuilds it from the seed folders
 without training.
+
+Bad input (a flag, a config key, a seed folder of another config, a missing or corrupt
+record file) is one `error:` line naming the key or file, exit status 2, before any
+training (`psm.cli`; `--verbose` adds the traceback).
 """
 
 from __future__ import annotations
@@ -55,8 +59,7 @@ def check_seed_folders(config, workdir: str, seeds: int) -> None:
         path = os.path.join(seed_dir(workdir, s), "config.json")
         if not os.path.exists(path):
             continue
-        with open(path) as f:
-            existing = json.load(f)
+        existing = _read_json(path)
         wanted = wd.config_to_dict(seed_config(config, s))
         if existing != wanted:
             diff = sorted(wd._diff_keys(existing, wanted))
@@ -124,7 +127,24 @@ def _read_json(path: str):
         raise FileNotFoundError(f"{path} is missing; is the run in {os.path.dirname(path)} "
                                 "finished? (rerun without --report_only to train it)")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _read_jsonl(path: str) -> list:
+    """The records of a JSON-lines file; a bad line is a ValueError naming file and line."""
+    rows = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_no}: invalid JSON ({e.msg})") from None
+    return rows
 
 
 def load_seed(folder: str) -> SeedRun:
@@ -136,8 +156,7 @@ def load_seed(folder: str) -> SeedRun:
     path = os.path.join(folder, "test_predictions.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = _read_jsonl(path)
     if not rows:
         raise ValueError(f"{path} has no test examples; the bootstrap needs some")
     for i, r in enumerate(rows):
@@ -240,6 +259,12 @@ def main(argv) -> None:
     command = command_line()
     if config is None and not _REPORT_ONLY.value:
         raise ValueError("--config is required unless --report_only")
+    if config is not None and not _REPORT_ONLY.value:
+        from psm import trainer
+        try:  # before any seed folder is written
+            trainer.validate_config(config)
+        except ValueError as e:
+            raise ValueError(f"invalid config: {e}") from e
     if _REPORT_ONLY.value:
         if config is not None:
             check_seed_folders(config, workdir, seeds)
@@ -250,6 +275,7 @@ def main(argv) -> None:
                 command = json.load(f).get("command", command)
     else:
         check_seed_folders(config, workdir, seeds)
+        wd.check_writable(workdir)
         os.makedirs(workdir, exist_ok=True)
         wd.write_json(workdir, "experiment.json", {
             "command": command, "seeds": seeds, "base_data_seed": int(config.data_seed),
@@ -266,7 +292,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     _CONFIG = config_flags.DEFINE_config_file(
@@ -283,4 +309,5 @@ if __name__ == "__main__":
     _METRIC = flags.DEFINE_string("metric", "", f"Test metric, one of {sorted(stats.METRICS)}"
                                   " ('' = the task's: accuracy, or mcc/f1/pearson for "
                                   "CoLA/MRPC/STS-B).")
-    app.run(main)
+    from psm import cli
+    cli.run_absl(main)

@@ -4,6 +4,9 @@ Statistics (METHOD.md section 1) and plots, computed from the per-sample
 records a run writes, so a figure can be redrawn without retraining:
 
   python -m psm.imbalance --workdir=<run>      # rewrites plots/*.png
+
+A missing or corrupt `per_sample.jsonl` is one `error:` line naming the file
+and line, exit status 2 (`psm.cli`).
 """
 
 from __future__ import annotations
@@ -186,8 +189,17 @@ def redraw(workdir: str, num_bins: int = 20) -> list[str]:
     return [a, b]
 
 
+def main(argv) -> None:
+    if len(argv) > 1:
+        from absl import app
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print("\n".join(redraw(_WORKDIR.value)))
+
+
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from psm import cli
 
     _WORKDIR = flags.DEFINE_string("workdir", None, "a finished psm run", required=True)
-    app.run(lambda _: print("\n".join(redraw(_WORKDIR.value))))
+    cli.run_absl(main)

@@ -152,9 +152,17 @@ def leaf_bits(key, name: str, shape: Sequence[int], *, stream: int = 0, offset: 
 
 # ---- argument checks -----------------------------------------------------------------
 
+def _shown(value) -> str:
+    """repr of a value for a message, numpy scalars and arrays as plain Python
+    (`0.6`, not `np.float64(0.6)`)."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()
+    return repr(value)
+
+
 def _vector(values, k: int, what: str) -> np.ndarray:
     if isinstance(values, (str, bytes)) or np.ndim(values) != 1:
-        raise ValueError(f"{what} must be a sequence of K = {k} numbers; got {values!r}")
+        raise ValueError(f"{what} must be a sequence of K = {k} numbers; got {_shown(values)}")
     arr = np.asarray(values, dtype=np.float64)
     if arr.shape != (k,):
         raise ValueError(f"{what} has {arr.shape[0]} entries but there are K = {k} models")
@@ -173,7 +181,7 @@ def _probs(values, k: int, what: str) -> np.ndarray:
     total = arr.sum()
     if abs(total - 1.0) > PROB_SUM_TOL:
         raise ValueError(f"{what} must sum to 1 (tolerance {PROB_SUM_TOL}); got sum "
-                         f"{total!r} for {arr.tolist()}")
+                         f"{float(total)} for {arr.tolist()}")
     return arr / total
 
 
@@ -190,7 +198,7 @@ def _per_model(value, k: int, what: str, lo: float, hi: float, hi_open: bool) ->
 
 def _scalar(value, what: str) -> float:
     if np.ndim(value) != 0 or isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{what} must be a finite number; got {value!r}")
+        raise ValueError(f"{what} must be a finite number; got {_shown(value)}")
     value = float(value)
     if not np.isfinite(value):
         raise ValueError(f"{what} must be finite; got {value}")
@@ -199,13 +207,13 @@ def _scalar(value, what: str) -> float:
 
 def _choice(value, options, what: str):
     if value not in options:
-        raise ValueError(f"{what} must be one of {list(options)}; got {value!r}")
+        raise ValueError(f"{what} must be one of {list(options)}; got {_shown(value)}")
     return value
 
 
 def _count(value, what: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{what} must be a non-negative int; got {value!r}")
+        raise TypeError(f"{what} must be a non-negative int; got {_shown(value)}")
     if value < 0:
         raise ValueError(f"{what} must be >= 0; got {value}")
     return int(value)

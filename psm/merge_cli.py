@@ -22,7 +22,7 @@ import importlib.util
 import os
 import sys
 
-from psm import merge_stream
+from psm import cli, merge_stream
 
 _DEFAULTS = {"method": None, "models": None, "base": None, "out": None, "seed": 0,
              "format": "safetensors", "dtype": None, "shard_size": "5GB", "overwrite": False,
@@ -51,7 +51,7 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m psm.merge",
         description="Merge checkpoints larger than memory, tensor by tensor.")
     add = p.add_argument
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ties / dare: divide by the (agreeing) weights")
     add("--allow-nonfinite", "--allow_nonfinite", dest="allow_nonfinite", nargs="?", const=True,
         type=_bool, help="merge NaN/inf inputs instead of refusing them")
+    add("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     p.set_defaults(**{k: None for k in list(_DEFAULTS) + list(_OPTIONS)})
     return p
 
@@ -116,7 +117,11 @@ def settings(argv=None) -> dict:
         flag = getattr(args, key)
         out[key] = flag if flag is not None else cfg.get(key, _DEFAULTS.get(key))
     if isinstance(out["models"], str):
-        out["models"] = [m for m in out["models"].split(",") if m]
+        # 'a, b' (a space after the comma, or a quoted list) names a and b.
+        out["models"] = [m.strip() for m in out["models"].split(",") if m.strip()]
+    for key in ("base", "out", "method"):
+        if isinstance(out[key], str):
+            out[key] = out[key].strip()
     for key in ("weights", "probs", "density", "drop_rate"):
         if isinstance(out[key], str):
             out[key] = _floats(out[key])
@@ -137,12 +142,15 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    """Entry point: exit status 0 on success, 2 on a refused input or option."""
+    """Entry point: exit status 0 on success, 2 on a refused input or option (one
+    `error:` line, see `psm.cli`; a bug keeps its traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         run(argv)
-    except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs
+        if not cli.is_user_error(e):
+            raise
+        return cli.report(e, cli.wants_verbose(argv))
     return 0
 
 

@@ -454,10 +454,9 @@ def _workdir_llama(workdir: str, infos: dict):
             return None, None
         return LlamaConfig.from_hf_config(hf, **layout), path
     if kind in ("smollm2", "gguf"):
-        import gguf
         from psm.models import gguf_llama, registry
         path = path or registry.smollm2_gguf_path()
-        meta = gguf_llama.read_metadata(gguf.GGUFReader(path))
+        meta = gguf_llama.read_metadata(gguf_llama.open_reader(path))
         fields = gguf_llama.config_fields(meta, path, **layout)
         fields.setdefault("tie_embeddings", "lm_head/kernel" not in infos)
         return LlamaConfig(**fields), None
@@ -490,7 +489,24 @@ def open_input(path: str) -> list[ModelRef]:
     if (path.endswith(".safetensors") or os.path.isfile(os.path.join(path, SINGLE_FILE))
             or os.path.isfile(os.path.join(path, INDEX_FILE))):
         return [ModelRef(HFReader(path), None, path, "hf")]
+    if os.path.isfile(path):
+        raise ValueError(f"{path}: not a .safetensors file; inputs are HF folders, "
+                         ".safetensors files, orbax checkpoints or psm workdirs")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        what = ("a psm workdir without checkpoints/ (its run failed before its first "
+                "checkpoint)" if _is_psm_config(os.path.join(path, "config.json"))
+                else f"a folder with config.json but no {SINGLE_FILE} or {INDEX_FILE}")
+        raise ValueError(f"{path}: {what}; nothing to merge")
     return [ModelRef(OrbaxReader(path), None, path, "tree")]
+
+
+def _is_psm_config(path: str) -> bool:
+    """Whether `path` is a psm run's config.json (rather than a HF model's)."""
+    try:
+        cfg = _read_json(path)
+    except ValueError:
+        return False
+    return isinstance(cfg, dict) and "num_replicas" in cfg and "task" in cfg
 
 
 def workdir_base(path: str) -> ModelRef | None:
@@ -1072,7 +1088,11 @@ def _run(refs, base_ref, files_ref, method, kwargs, cast, plan, convert, out, fm
                 if j + 1 < len(names):  # read the next tensor while this one is merged
                     pending_read = rpool.submit(_read_inputs, refs, base_ref, names[j + 1],
                                                 cast)
-                merged = _merge_one(method, kwargs, name, xs, b)
+                try:
+                    merged = _merge_one(method, kwargs, name, xs, b)
+                except ValueError:
+                    _nonfinite_input(refs, base_ref, name, xs, b, kwargs)
+                    raise
                 del xs, b
                 if pending_write is not None:
                     pending_write.result()  # at most one output tensor waits for the disk
@@ -1105,6 +1125,20 @@ def _run(refs, base_ref, files_ref, method, kwargs, cast, plan, convert, out, fm
                "peak_rss_bytes": _peak_rss_bytes()}
     log(format_summary(summary))
     return summary
+
+
+def _nonfinite_input(refs, base_ref, name, xs, b, kwargs) -> None:
+    """Raises the command-line form of psm.merge's NaN/inf refusal: the input
+    (file) and tensor that hold it and the --allow-nonfinite option. Returns
+    when every input is finite (the ValueError was another one)."""
+    if kwargs.get("allow_nonfinite"):
+        return
+    inputs = list(zip(refs, xs)) + ([(base_ref, b)] if b is not None else [])
+    for ref, x in inputs:
+        if _is_float(x.dtype) and not np.isfinite(x).all():
+            what = "--base " if ref is base_ref else ""
+            raise ValueError(f"{what}{ref.label}: tensor {name!r} contains NaN or inf; pass "
+                             "--allow-nonfinite to merge it anyway") from None
 
 
 def _write_all(writer, conversions, merged) -> None:

@@ -3,19 +3,20 @@
 Override any config field with `--config.<key>=<value>` (the config is locked:
 a misspelt key is an error). Rerunning with the same workdir resumes.
 
-A misspelt key or a bad value is reported in one line (with the nearest key
-for a misspelling), exit status 2, before anything is written.
+A misspelt key, a bad value, a missing config file or an unwritable workdir is
+reported in one line (with the nearest key for a misspelling), exit status 2,
+before anything is written (`psm.cli`; `--verbose` adds the traceback).
 """
 
-import difflib
 import logging
+import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from psm import trainer
+from psm import cli, workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file, e.g. configs/tiny.py (add :variant to pick one).",
@@ -25,76 +26,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _unknown_key(argv) -> str | None:
-    """'unknown config key a.b; did you mean a.c?' for the first `--config.a.b=`
-    override that names no field of the config, or None."""
-    spec = None
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            spec = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            spec = argv[i + 1]
-    if spec is None:
-        return None
-    try:  # the config file alone, without the overrides that failed
-        config = flags.FLAGS["config"].parser.parse(spec)
-    except Exception:  # noqa: BLE001 - the caller reports the original error
-        return None
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        key = arg[len("--config."):].split("=", 1)[0]
-        node, done, parts = config, [], key.split(".")
-        for i, part in enumerate(parts):
-            if not hasattr(node, "keys") or part not in node:
-                known = list(node.keys()) if hasattr(node, "keys") else []
-                prefix = ".".join(done) + ("." if done else "")
-                near = difflib.get_close_matches(part, known, n=1)
-                if near and _has_path(node[near[0]], parts[i + 1:]):
-                    near = [".".join([near[0]] + parts[i + 1:])]
-                hint = (f"; did you mean {prefix}{near[0]}?" if near else
-                        f"; keys under {prefix.rstrip('.') or 'the config'}: {sorted(known)}"
-                        if known else f"; {prefix.rstrip('.')} has no sub-keys")
-                return f"unknown config key {key}{hint}"
-            node = node[part]
-            done.append(part)
-    return None
-
-
-def _has_path(node, parts) -> bool:
-    for part in parts:
-        if not hasattr(node, "keys") or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _parse_flags(argv):
-    """absl's flag parsing, with a misspelt `--config.` key reported in one line.
-
-    ml_collections raises an AttributeError/KeyError from deep inside absl for
-    such a key (three chained tracebacks); it is a usage error: exit status 2.
-    """
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError):
-        message = _unknown_key(argv)
-        if message is None:  # not a misspelt key: keep the full report
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir.check_writable(_WORKDIR.value)  # creates nothing
+    # Imported here, not at the top: a refused flag or workdir is then reported
+    # before JAX and the model code are imported (seconds).
+    from psm import trainer
     try:
-        # Before anything is imported, written or computed: a rerun with the
-        # corrected value then starts clean.
+        # Before anything is written or computed: a rerun with the corrected value
+        # then starts clean.
         trainer.validate_config(_CONFIG.value)
     except ValueError as e:
-        print(f"error: invalid config: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise cli.UserError(f"invalid config: {e}") from e
     # Library chatter (orbax logs every save at INFO) stays at WARNING; psm's own
     # progress messages are shown. `--verbosity=0` restores absl's INFO for all.
     if absl_logging.get_verbosity() < absl_logging.INFO or not flags.FLAGS["verbosity"].present:
@@ -105,5 +49,21 @@ def main(argv):
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def _keys_help() -> str:
+    """The config keys and their defaults (configs/common.py), for `--help`."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        from configs import common
+        keys = cli.config_keys_help(common.base(), indent="  --config.")
+    except Exception as e:  # noqa: BLE001 - help must print even without the configs folder
+        return f"(config keys: see configs/common.py; not readable here: {e})"
+    finally:
+        sys.path.pop(0)
+    return ("Config keys and their defaults (configs/common.py; a config file such as "
+            "configs/tiny.py overrides some):\n" + keys)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in sys.argv[1:]):
+        __doc__ += "\n" + _keys_help() + "\n"
+    cli.run_absl(main)

@@ -24,6 +24,29 @@ def config_to_dict(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def check_writable(workdir: str, what: str = "workdir") -> None:
+    """Refuses a workdir (or another output folder, named `what` in the message)
+    that cannot be created or written, without creating anything.
+
+    Raises:
+      PermissionError: naming the folder that refuses the write (the workdir
+        itself, or the nearest existing folder above it).
+    """
+    path = os.path.abspath(workdir)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise PermissionError(f"{what} {workdir}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        problem = ("is not writable" if probe == path
+                   else f"cannot be created: {probe} is not writable")
+        raise PermissionError(f"{what} {workdir} {problem} (permission denied)")
+
+
 def prepare(workdir: str, config) -> bool:
     """Creates `workdir`, checks it is writable and that it holds this config's run.
 
@@ -44,7 +67,8 @@ def prepare(workdir: str, config) -> bool:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise PermissionError(f"workdir {workdir!r} is not writable: {e}") from e
+        raise PermissionError(f"workdir {workdir} is not writable: "
+                              f"{e.strerror or e} ({e.filename or workdir})") from e
     wanted = config_to_dict(config)
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):

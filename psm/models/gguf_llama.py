@@ -21,7 +21,10 @@ therefore permutes the q and k rows of each head,
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import struct
 from typing import Any
 
 import gguf
@@ -84,6 +87,28 @@ class GGUFSource:
         t = self._tensors[name]
         x = gguf.quants.dequantize(t.data, t.tensor_type)
         return np.asarray(x, np.float32).reshape(self.shape(name))
+
+
+def open_reader(path: str) -> gguf.GGUFReader:
+    """`gguf.GGUFReader(path)`, with a missing, non-GGUF or truncated file refused by name.
+
+    The reader itself fails on such files with numpy view or unpacking errors
+    that do not say which file or why.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such GGUF file", path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a GGUF file (for a Hugging Face folder use "
+                         "kind 'hf')")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, struct.error) as e:
+        raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: "
+                         f"{e})") from e
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -164,7 +189,7 @@ def load_gguf_llama(path: str, **overrides) -> tuple[LlamaConfig, nnx.State, Tok
       ValueError: not a llama GGUF, a tensor type that cannot be dequantized,
         missing/unexpected tensors, or a tokenizer larger than the embedding.
     """
-    reader = gguf.GGUFReader(path)
+    reader = open_reader(path)
     meta = read_metadata(reader)
     source = GGUFSource(reader, path)
     fields = config_fields(meta, path, **overrides)

@@ -17,6 +17,7 @@ Any other key is a config override (e.g. "dtype": "bfloat16",
 
 from __future__ import annotations
 
+import errno
 import glob
 import importlib.util
 import os
@@ -65,8 +66,30 @@ def minilm_path() -> str:
 
 
 def hf_architecture(path: str) -> str:
-    """The supported architecture named in `path/config.json`, or a ValueError listing them."""
-    hf = read_json(os.path.join(path, "config.json"))
+    """The supported architecture named in `path/config.json`, or a ValueError listing them.
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ValueError: `path` has no config.json (not a Hugging Face folder), it is a
+        psm training workdir's config, or names no supported architecture.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such Hugging Face model folder", path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is a file, not a Hugging Face model folder (for a GGUF file "
+                         "use kind 'gguf')")
+    config_json = os.path.join(path, "config.json")
+    if not os.path.isfile(config_json):
+        raise ValueError(f"{path} has no config.json: not a Hugging Face model folder (it "
+                         f"holds {sorted(os.listdir(path))[:5]})")
+    hf = read_json(config_json)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_json}: not a JSON object")
+    if "num_replicas" in hf and "task" in hf:
+        raise ValueError(f"{path} is a psm training workdir (its config.json is a run's "
+                         "config), not a Hugging Face model folder; export a model of it "
+                         "with `python -m psm.merge --models=<workdir> ...` or the run's "
+                         "config.export")
     archs = hf.get("architectures") or []
     for a in archs:
         if a in SUPPORTED_HF_ARCHITECTURES:
