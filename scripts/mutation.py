@@ -37,7 +37,7 @@ TARGETS = {
                 ["tests/test_merge_stats.py", "tests/test_merge.py", "-k",
                  "select or resample or draws or seeds"],
                 "selection and resampling draws (only the functions those tests reach)"),
-    "checkpoint": (["psm/checkpoint.py"], ["tests/test_resume.py"],
+    "checkpoint": (["psm/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_resume.py"],
                    "checkpoint save/restore and resume"),
     "scorers": (["psm/evaluation/glue.py", "psm/evaluation/gsm8k.py"],
                 ["tests/test_eval_glue.py", "tests/test_eval_gsm8k.py",
@@ -63,6 +63,7 @@ def _setup_cfg(modules: list[str], tests: list[str]) -> str:
     return (
         "[mutmut]\n"
         "source_paths=\n    psm\n"
+        "also_copy=\n    configs\n"
         f"only_mutate=\n{listing(modules)}\n"
         f"pytest_add_cli_args_test_selection=\n{listing(tests)}\n"
         "pytest_add_cli_args=\n    -p\n    no:cacheprovider\n    -p\n    no:xdist\n    -x\n"

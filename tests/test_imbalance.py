@@ -192,5 +192,56 @@ def test_bad_records_file_names_the_file_and_line(tmp_path, content, match):
 
 
 def test_missing_records_file_says_the_run_has_not_finished(tmp_path):
-    with pytest.raises(FileNotFoundError, match="finished run"):
+    with pytest.raises(FileNotFoundError, match=r"per_sample.jsonl not found: per-sample "
+                                                r"records are written at the end of a "
+                                                r"finished run$"):
         imbalance.load_records(str(tmp_path))
+
+
+def test_load_records_skips_blank_lines_and_reads_a_single_record(tmp_path):
+    one = {"id": 3, "position": [0.5, 0.25], "loss": {"replicas": [1.0, 2.0],
+                                                      "merged": {"average": 1.5}}}
+    two = dict(one, id=4)
+    _write_records(tmp_path / "per_sample.jsonl", [one, "", "   ", two])
+    positions, losses, merged, ids = imbalance.load_records(str(tmp_path))
+    assert ids == [3, 4] and positions.shape == (2, 2)
+    np.testing.assert_array_equal(merged["average"], [1.5, 1.5])
+    _write_records(tmp_path / "per_sample.jsonl", [one])
+    positions, losses, merged, ids = imbalance.load_records(str(tmp_path))
+    assert ids == [3] and losses.shape == (2, 1) and list(merged) == ["average"]
+
+
+@pytest.mark.parametrize("second,match", [
+    ({"position": [0.5]}, r"line 2: 1 positions, 2 replica losses"),
+    ({"loss": {"replicas": [1.0], "merged": {"average": 1.5}}}, r"line 2: 2 positions, 1 "),
+    ({"loss": {"replicas": [1.0, 2.0], "merged": {"select": 1.5}}}, r"merged models \['select'\]"),
+])
+def test_records_of_another_shape_name_the_line(tmp_path, second, match):
+    one = {"id": 3, "position": [0.5, 0.25], "loss": {"replicas": [1.0, 2.0],
+                                                      "merged": {"average": 1.5}}}
+    _write_records(tmp_path / "per_sample.jsonl", [one, {**one, "id": 4, **second}])
+    with pytest.raises(ValueError, match=match):
+        imbalance.load_records(str(tmp_path))
+
+
+def test_bad_record_message_names_the_error_type(tmp_path):
+    _write_records(tmp_path / "per_sample.jsonl", ['{"id": "x", "position": [0.1]}'])
+    with pytest.raises(ValueError, match=r"line 1: not a per-sample record \(ValueError: "):
+        imbalance.load_records(str(tmp_path))
+
+
+def test_redraw_draws_both_figures_with_the_requested_bins(tmp_path, monkeypatch):
+    report.write_per_sample(str(tmp_path), [10, 11, 12, 13, 14], HAND_POSITIONS,
+                            HAND_LOSSES, {"average": HAND_LOSSES.mean(0)})
+    calls = {}
+    monkeypatch.setattr(imbalance, "plot_loss_vs_position",
+                        lambda *a, **kw: calls.setdefault("loss", (a, kw)))
+    monkeypatch.setattr(imbalance, "plot_anchor_view",
+                        lambda *a, **kw: calls.setdefault("anchor", (a, kw)))
+    imbalance.redraw(str(tmp_path), num_bins=7)
+    a, kw = calls["loss"]
+    assert 7 in a[3:] or kw.get("num_bins") == 7
+    assert kw.get("title") == "final training loss vs first-epoch position"
+    a, kw = calls["anchor"]
+    assert kw.get("num_bins") == 7
+    assert set(a[2]) == {"average"}
