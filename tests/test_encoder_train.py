@@ -6,6 +6,7 @@ files it leaves are checked against direct recomputations and read back by the
 multi-seed harness (`psm.experiment`).
 """
 
+import functools
 import json
 import os
 
@@ -205,25 +206,36 @@ PAIRS = [{"sentence1": "A man is playing a guitar.", "sentence2": "A man plays m
          {"sentence1": "She reads a book.", "sentence2": "A woman is reading.", "label": 1}]
 
 
+@functools.lru_cache(maxsize=None)
+def _tiny(task_name: str):
+    """`(config, graphdef, base, tokenizer)` of the task's smoke model (random tiny BERT)."""
+    config = glue_bert.get_config(f"{task_name},smoke")
+    graphdef, base, tokenizer, _ = encoder_task.load_base(config)
+    return config, graphdef, base, tokenizer
+
+
+def _distinct_replicas(base, k: int, scale: float = 0.01):
+    rng = np.random.default_rng(1)  # base + a different noise for each replica
+    return jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape, np.float32),
+                        replicas.stack(base, k))
+
+
 @pytest.mark.parametrize("task_name", ["mrpc", "stsb"])
 def test_vmapped_replica_step_equals_separate_single_model_steps(task_name):
     """K replicas (made distinct) on K different batches, one padding row among them: the
     vmapped step's losses and updated parameters equal K single-replica steps."""
     _need_minilm()
-    config = glue_bert.get_config(f"{task_name},smoke")
-    graphdef, base, tokenizer, _ = encoder_task.load_base(config)
+    config, graphdef, base, tokenizer = _tiny(task_name)
     records = [dict(r, label=float(r["label"]) * (2.5 if task_name == "stsb" else 1))
                for r in PAIRS]
     arrays, stats = encoder_task.encode_split(records, tokenizer, task_name, max_len=15)
     assert stats["truncated"] == 1  # the long second pair, cut to 15 tokens
     assert arrays["tokens"][1, 14] == tokenizer.eos_id and arrays["attention"][1].all()
     k = 3
-    rng = np.random.default_rng(1)
-    params_k = jax.tree.map(  # distinct replicas: base + a different small noise each
-        lambda x: x + 0.01 * rng.standard_normal(x.shape, np.float32), replicas.stack(base, k))
+    params_k = _distinct_replicas(base, k)
     tx, _ = trainer.make_optimizer(config, 10)
     opt_k = replicas.init_opt_state(tx, params_k)
-    idx = np.array([[0, 1], [2, 3], [4, -1]])
+    idx = np.array([[0, 1], [2, 4], [3, -1]])  # padding gathers row 0, another label
     batch = encoder_task.gather_batch(arrays, idx)
     single = jax.jit(replicas.make_replica_step(graphdef, tx, encoder_task.mean_loss))
     expected = [single(replicas.unstack(params_k, i), replicas.unstack(opt_k, i),
@@ -238,6 +250,34 @@ def test_vmapped_replica_step_equals_separate_single_model_steps(task_name):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7),
                      new_k, expected[i][0])
     assert float(metrics["loss"][2]) == pytest.approx(float(own), rel=1e-5)
+
+
+@pytest.mark.parametrize("task_name", ["mrpc", "stsb"])
+def test_ensemble_averages_probabilities_or_predictions(task_name):
+    """The ensemble row: the mean of the K members' class probabilities (its loss is
+    -log of the mean probability, its prediction that mean's argmax); STS-B: the mean value."""
+    _need_minilm()
+    _, graphdef, base, tokenizer = _tiny(task_name)
+    arrays, _ = encoder_task.encode_split(PAIRS, tokenizer, task_name, max_len=16)
+    batch = encoder_task.gather_batch(arrays, np.arange(len(PAIRS)))
+    params_k = _distinct_replicas(base, 3, scale=0.5)  # members far apart
+    outs = np.stack([np.asarray(nnx.merge(graphdef, replicas.unstack(params_k, i))(
+        batch["tokens"], batch["type_ids"], batch["attention"])) for i in range(3)])
+    ens_graphdef, ens_state = encoder_task.ensemble(graphdef, params_k)
+    stacked = jax.tree.map(lambda x: x[None], ens_state)
+    loss = encoder_task.make_eval_step(ens_graphdef)(stacked, batch)[0]
+    pred = encoder_task.make_predict_step(ens_graphdef)(stacked, batch)[0]
+    assert np.ptp(outs, axis=0).max() > 0.1  # the members disagree
+    if task_name == "stsb":
+        np.testing.assert_allclose(pred, outs[:, :, 0].mean(axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(loss, (outs[:, :, 0].mean(axis=0) - batch["label"]) ** 2,
+                                   rtol=1e-4, atol=1e-5)
+        return
+    probs = np.exp(outs - outs.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).mean(axis=0)  # [B, C]
+    labels = batch["label"].astype(int)
+    np.testing.assert_allclose(loss, -np.log(probs[np.arange(len(PAIRS)), labels]), rtol=1e-5)
+    np.testing.assert_array_equal(pred, probs.argmax(-1))
 
 
 def test_pretrained_base_is_minilm_with_a_seeded_head(shared_data_dir):
@@ -278,3 +318,16 @@ def test_bad_encoder_config_values_are_named_before_any_work(tmp_path, key, valu
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         trainer.train_and_evaluate(config, str(workdir))
     assert not workdir.exists()
+
+
+def test_config_variants():
+    for name in glue_bert.TASKS:
+        c = glue_bert.get_config(name)
+        assert c.task.head == ("regression" if name == "stsb" else "classification")
+        assert c.task.max_len == (128 if name in ("rte", "mrpc") else 64)
+        assert (c.num_replicas, c.train.epochs, c.train.batch_size) == (4, 3, 32)
+        assert 2e-5 <= c.optim.learning_rate <= 5e-5 and c.optim.warmup_steps > 0
+        assert {"greedy_soup", "ensemble"} <= set(c.merge.methods)
+    assert glue_bert.get_config("cola").task.num_train == 2000
+    with pytest.raises(ValueError, match="unknown variant"):
+        glue_bert.get_config("bogus")
