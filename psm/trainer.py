@@ -122,6 +122,10 @@ def validate_config(config) -> None:
                          "('pretrained' or 'random')")
     if encoder_task.is_encoder(config):  # config.task.head: a BERT encoder with a head
         encoder_task.validate_config(config)
+    elif config.model.kind == "minilm":
+        raise ValueError("config.model.kind='minilm' is a BERT encoder, not a decoder: use "
+                         "configs/glue_bert.py (config.task.head 'classification' or "
+                         "'regression')")
     else:
         _validate_model(config)
     # The mesh is built from the visible devices; building it here costs nothing

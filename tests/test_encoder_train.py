@@ -309,6 +309,7 @@ def test_pretrained_base_is_minilm_with_a_seeded_head(shared_data_dir):
     ("export.hf", ("average",), "config.export.hf"),
     ("model.scan_layers", True, "config.model.scan_layers"),
     ("task.max_len", 1024, "config.task.max_len"),
+    ("task.head", "lm", "config.model.kind='minilm' is a BERT encoder"),
 ])
 def test_bad_encoder_config_values_are_named_before_any_work(tmp_path, key, value, message):
     config = glue_bert.get_config("stsb,smoke")
