@@ -85,11 +85,16 @@ def per_sample_loss(graphdef, params, batch) -> jax.Array:
     return jnp.sum(nll * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 
-def make_replica_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-    """One optimizer step of ONE replica (no K axis): (params, opt_state, batch) -> ..."""
+def make_replica_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                      loss_fn: Callable = mean_loss):
+    """One optimizer step of ONE replica (no K axis): (params, opt_state, batch) -> ...
+
+    `loss_fn(graphdef, params, batch) -> scalar` is the training objective
+    (default: the decoder's token-weighted NLL; `psm.encoder_task` passes its own).
+    """
 
     def replica_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(functools.partial(mean_loss, graphdef))(params, batch)
+        loss, grads = jax.value_and_grad(functools.partial(loss_fn, graphdef))(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -98,14 +103,16 @@ def make_replica_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    state_sharding=None, batch_sharding=None):
+                    state_sharding=None, batch_sharding=None, loss_fn: Callable = mean_loss):
     """The jitted, vmapped step over all K replicas; the state is donated.
+
+    `loss_fn` as in `make_replica_step`; every batch array has a leading K axis.
 
     Returns:
       `train_step(params [K,...], opt_state [K,...], batch [K,B,T]) ->
       (params, opt_state, metrics {name: [K]})`.
     """
-    vmapped = jax.vmap(make_replica_step(graphdef, tx))
+    vmapped = jax.vmap(make_replica_step(graphdef, tx, loss_fn))
     if state_sharding is None:
         return jax.jit(vmapped, donate_argnums=(0, 1))
     return jax.jit(vmapped, donate_argnums=(0, 1),
@@ -113,12 +120,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    out_shardings=(state_sharding, state_sharding, state_sharding))
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
+def make_eval_step(graphdef: nnx.GraphDef, sample_loss: Callable = per_sample_loss):
     """Jitted per-sample losses of M stacked models: `(params [M,...], batch [B,T]) -> [M, B]`.
 
     The batch is shared by all models (every model is scored on the same samples).
+    `sample_loss(graphdef, params, batch) -> [B]` (default: the decoder's).
     """
-    return jax.jit(jax.vmap(functools.partial(per_sample_loss, graphdef), in_axes=(0, None)))
+    return jax.jit(jax.vmap(functools.partial(sample_loss, graphdef), in_axes=(0, None)))
 
 
 def init_opt_state(tx: optax.GradientTransformation, params_k: Any) -> Any:

@@ -18,8 +18,8 @@ import logging
 from flax import nnx
 from tqdm import tqdm
 
-from psm import (base_model, checkpoint, diagnostics, imbalance, merge, replicas, report,
-                 sharding)
+from psm import (base_model, checkpoint, diagnostics, encoder_task, imbalance, merge, replicas,
+                 report, sharding)
 from psm import workdir as wd
 from psm.data import orders, paper_tasks, tasks
 from psm.evaluation import lm, runner
@@ -120,7 +120,14 @@ def validate_config(config) -> None:
                          f"{config.model.init!r}: the synthetic task pre-trains its own base "
                          "('pretrain'); the paper's tasks need a tokenizer from a real model "
                          "('pretrained' or 'random')")
-    _validate_model(config)
+    if encoder_task.is_encoder(config):  # config.task.head: a BERT encoder with a head
+        encoder_task.validate_config(config)
+    elif config.model.kind == "minilm":
+        raise ValueError("config.model.kind='minilm' is a BERT encoder, not a decoder: use "
+                         "configs/glue_bert.py (config.task.head 'classification' or "
+                         "'regression')")
+    else:
+        _validate_model(config)
     # The mesh is built from the visible devices; building it here costs nothing
     # and fails (naming config.mesh.*) before the base is pre-trained.
     sharding.make_mesh(config.mesh.replica, config.mesh.data, config.num_replicas,
@@ -209,6 +216,14 @@ def _check_merge_options(config) -> None:
 
 def _encode_split(task, split: str, max_len: int):
     arrays, stats = tasks.encode_split(task, split, max_len)
+    if stats["truncated"]:
+        log.warning("%s: %d of %d examples truncated to %d tokens (%s)", split,
+                    stats["truncated"], stats["examples"], max_len, stats)
+    return arrays, stats
+
+
+def _encode_encoder_split(task, tokenizer, split: str, max_len: int):
+    arrays, stats = encoder_task.encode_split(task.splits[split], tokenizer, task.name, max_len)
     if stats["truncated"]:
         log.warning("%s: %d of %d examples truncated to %d tokens (%s)", split,
                     stats["truncated"], stats["examples"], max_len, stats)
@@ -348,15 +363,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = MetricWriter(workdir)
 
     # ------------------------------------------------- base model, task, data
-    if config.model.init == "pretrain":
-        task = tasks.get_task(config.task)
-        graphdef, base, tokenizer, model_cfg = base_model.load_base(config, workdir,
-                                                                     task.tokenizer)
+    encoder = encoder_task.is_encoder(config)
+    if encoder:
+        graphdef, base, tokenizer, model_cfg = encoder_task.load_base(config)
+        task = paper_tasks.paper_task(config.task, tokenizer)  # splits only; no prompts
+        encoded = {split: _encode_encoder_split(task, tokenizer, split, config.task.max_len)
+                   for split in ("train", "validation", "test")}
     else:
-        graphdef, base, tokenizer, model_cfg = base_model.load_base(config, workdir)
-        task = paper_tasks.paper_task(config.task, tokenizer)
-    train_arrays, train_stats = _encode_split(task, "train", config.task.max_len)
-    val_arrays, val_stats = _encode_split(task, "validation", config.task.max_len)
+        if config.model.init == "pretrain":
+            task = tasks.get_task(config.task)
+            graphdef, base, tokenizer, model_cfg = base_model.load_base(config, workdir,
+                                                                         task.tokenizer)
+        else:
+            graphdef, base, tokenizer, model_cfg = base_model.load_base(config, workdir)
+            task = paper_tasks.paper_task(config.task, tokenizer)
+        encoded = {split: _encode_split(task, split, config.task.max_len)
+                   for split in ("train", "validation")}
+    (train_arrays, train_stats), (val_arrays, val_stats) = encoded["train"], encoded["validation"]
+    gather_batch = encoder_task.gather_batch if encoder else tasks.gather_batch
+    eval_loss = encoder_task.validation_loss if encoder else runner.validation_loss
     n_train = train_stats["examples"]
     batch_size = config.train.batch_size
     steps_per_epoch = orders.steps_per_epoch(n_train, batch_size)
@@ -373,8 +398,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tx, lr_schedule = make_optimizer(config, total_steps)
     params_k = jax.device_put(replicas.stack(base, k), state_sh)
     opt_k = jax.device_put(replicas.init_opt_state(tx, params_k), state_sh)
-    train_step = replicas.make_train_step(graphdef, tx, state_sh, batch_sh)
-    eval_step = replicas.make_eval_step(graphdef)
+    if encoder:
+        train_step = encoder_task.make_train_step(graphdef, tx, state_sh, batch_sh)
+        eval_step = encoder_task.make_eval_step(graphdef)
+    else:
+        train_step = replicas.make_train_step(graphdef, tx, state_sh, batch_sh)
+        eval_step = replicas.make_eval_step(graphdef)
     log.info("mesh %s; %d parameters per replica", dict(mesh.shape),
              sum(x.size for x in jax.tree.leaves(base)))
 
@@ -418,7 +447,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         for step in tqdm(range(start, total_steps), desc="train K replicas",
                          initial=start, total=total_steps, mininterval=2.0):
             idx = orders.batch_indices(step, **order_kw)
-            batch = jax.device_put(tasks.gather_batch(train_arrays, idx), batch_sh)
+            batch = jax.device_put(gather_batch(train_arrays, idx), batch_sh)
             params_k, opt_k, metrics = train_step(params_k, opt_k, batch)
             pending.append((step, metrics))
             done = step + 1
@@ -426,7 +455,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     done == total_steps:
                 flush(total_steps)
             if config.train.eval_every and done % config.train.eval_every == 0:
-                _eval_during_training(writer, done, eval_step, params_k, val_arrays, config)
+                _eval_during_training(writer, done, eval_loss, eval_step, params_k, val_arrays,
+                                      config)
             if ckpt.should_save(done) or done == total_steps:
                 ckpt.save(done, {"params": params_k, "opt_state": opt_k})
     ckpt.close()
@@ -440,8 +470,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_k = _cast_like(stored_k, base)
 
     def val_loss_fn(tree_m):
-        return runner.validation_loss(eval_step, _cast_like(tree_m, base), val_arrays,
-                                      config.eval.batch_size)
+        return eval_loss(eval_step, _cast_like(tree_m, base), val_arrays,
+                         config.eval.batch_size)
 
     chosen: dict = {}
     merged = merge_models(config, params_k, base, val_loss=val_loss_fn, record=chosen)
@@ -452,8 +482,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # --------------------------------------------------------------- evaluate
     names = [f"replica {i}" for i in range(k)] + [row_name(config, m)
                                                   for m in config.merge.methods]
-    scored = _score_models(config, graphdef, eval_step, eval_k, merged, base, task,
-                           val_arrays, train_arrays)
+    if encoder:
+        scored = encoder_task.score_models(
+            config, graphdef, eval_step, eval_k,
+            {n: _cast_like(t, base) for n, t in merged.items()}, task,
+            {split: arrays for split, (arrays, _) in encoded.items()})
+    else:
+        scored = _score_models(config, graphdef, eval_step, eval_k, merged, base, task,
+                               val_arrays, train_arrays)
     val_loss = np.array([scored[n]["val_loss"] for n in names])
     accuracy = np.array([scored[n]["test_accuracy"] for n in names])
     train_losses = np.stack([scored[n]["train_losses"] for n in names])
@@ -471,7 +507,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ids = [e["id"] for e in task.splits["train"]]
     report.write_per_sample(workdir, ids, positions, train_losses[:k],
                             dict(zip(merged_names, train_losses[k:])))
-    report.write_test_predictions(workdir, {n: scored[n]["per_example"] for n in names})
+    (encoder_task if encoder else report).write_test_predictions(
+        workdir, {n: scored[n]["per_example"] for n in names})
     stats = imbalance.imbalance_report(positions, train_losses[:k], config.eval.num_bins)
     merged_trend = {name: imbalance.trend(positions[0], train_losses[k + j], config.eval.num_bins)
                     for j, name in enumerate(merged_names)}
@@ -479,6 +516,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     models = {name: {"val_loss": float(val_loss[m]), "test_accuracy": float(accuracy[m]),
                      "train_loss": float(train_losses[m].mean())}
               for m, name in enumerate(names)}
+    if encoder:  # the task's GLUE metrics (accuracy, F1, Matthews, Pearson/Spearman)
+        for name in names:
+            models[name]["test_metrics"] = scored[name]["test_metrics"]
     for name, choice in chosen.items():
         models[name].update(choice)  # best_single: its replica; greedy_soup: what it kept
     if "ensemble" in models:
@@ -586,12 +626,14 @@ def _export_hf(config, workdir: str, model_cfg, merged: dict, tokenizer) -> dict
     return out
 
 
-def _eval_during_training(writer, step, eval_step, params_k, val_arrays, config):
-    """Validation loss of each replica and of their uniform average (paper Fig. 4)."""
+def _eval_during_training(writer, step, eval_loss, eval_step, params_k, val_arrays, config):
+    """Validation loss of each replica and of their uniform average (paper Fig. 4).
+
+    `eval_loss`: `runner.validation_loss` (decoders) or `encoder_task.validation_loss`.
+    """
     avg = merge.average(params_k, stacked=True)
     models = jax.tree.map(lambda s, a: jnp.concatenate([s, a[None]]), params_k, avg)
-    per_sample = lm.per_sample_losses(eval_step, models, val_arrays, config.eval.batch_size)
-    losses = runner.token_weighted_loss(per_sample, val_arrays)
+    losses = eval_loss(eval_step, models, val_arrays, config.eval.batch_size)
     writer.write(step, **{"val/loss": losses[:-1], "val/loss_average_merge": float(losses[-1])})
 
 
