@@ -82,5 +82,13 @@ def test_restore_tree_reads_a_saved_tree_and_names_a_wrong_folder(tmp_path):
     assert tree["params"]["h"].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(np.asarray(tree["params"]["w"]),
                                   np.asarray(state["params"]["w"]))
-    with pytest.raises(ValueError, match="is not an orbax checkpoint of the config's model"):
+    with pytest.raises(ValueError, match=r"nowhere: no such orbax checkpoint folder"):
         checkpoint.restore_tree(str(tmp_path / "nowhere"), state)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.safetensors").write_text("x")
+    with pytest.raises(ValueError, match=r"plain is not an orbax checkpoint: it has no "
+                                         r"_METADATA file \(it holds \['model.safetensors'\]\)"):
+        checkpoint.restore_tree(str(tmp_path / "plain"), state)
+    other = {"params": {"w": jnp.zeros((3, 5))}}
+    with pytest.raises(ValueError, match=r"its tree does not match the config's model"):
+        checkpoint.restore_tree(path, other)
