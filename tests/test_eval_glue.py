@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -148,3 +149,48 @@ def test_dev_sets_against_scipy(shared_data_dir):
     # recall = 1, so F1 = 2p / (p + 1).
     assert got["accuracy"] == pytest.approx(positive_rate)
     assert got["f1"] == pytest.approx(2 * positive_rate / (positive_rate + 1))
+
+
+# ---- input checks of each metric, named by the metric (mutation survivors) ------------------
+
+@pytest.mark.parametrize("fn,name", [(glue.accuracy, "accuracy"), (glue.f1, "f1"),
+                                     (glue.matthews_corrcoef, "matthews_corrcoef")])
+def test_class_metrics_refuse_fractional_predictions_by_name(fn, name):
+    with pytest.raises(ValueError, match=rf"^{name}: predictions must be integer class ids, "
+                                         r"got dtype float64 \(first value 0\.5\)"):
+        fn(np.array([0.5, 1.0]), np.array([0, 1]))
+    with pytest.raises(ValueError, match=rf"^{name}: labels must be integer class ids"):
+        fn(np.array([0, 1]), np.array([1.0, 0.25]))
+    # Whole-valued floats are class ids.
+    assert fn(np.array([1.0, 0.0, 1.0]), np.array([1, 0, 1])) == 1.0
+
+
+@pytest.mark.parametrize("fn,name", [(glue.pearson, "pearson"), (glue.spearman, "spearman")])
+def test_correlations_refuse_non_finite_values_by_name(fn, name):
+    with pytest.raises(ValueError, match=rf"^{name}: labels must be finite real numbers"):
+        fn(np.array([0.5, 1.0, 2.0]), np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(ValueError, match=rf"^{name}: predictions must be finite real numbers"):
+        fn(np.array([np.inf, 1.0, 2.0]), np.array([0.0, 0.5, 1.0]))
+    # Fractional values are fine here.
+    assert fn(np.array([0.5, 1.5, 2.5]), np.array([0.1, 0.2, 0.3])) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("pred,gold,where", [
+    (np.zeros((2, 2)), np.zeros(2), "shapes (2, 2) and (2,)"),
+    (np.zeros(2), np.zeros((2, 1)), "shapes (2,) and (2, 1)"),
+])
+def test_metrics_refuse_non_vectors(pred, gold, where):
+    with pytest.raises(ValueError, match=re.escape(f"accuracy: predictions and labels must be "
+                                                   f"1-D [N], got {where}")):
+        glue.accuracy(pred, gold)
+
+
+def test_constant_vectors_give_documented_conventions_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(glue.pearson(np.ones(4), np.arange(4.0)))
+        assert glue.matthews_corrcoef(np.ones(4, int), np.array([0, 1, 0, 1])) == 0.0
+    # The smallest defined Matthews case: two examples, both right.
+    assert glue.matthews_corrcoef(np.array([0, 1]), np.array([0, 1])) == 1.0

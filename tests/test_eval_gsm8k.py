@@ -132,3 +132,37 @@ def test_evaluate_records():
         gsm8k.evaluate(["1", "2"], ["1", "none"])
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         gsm8k.evaluate(["1", "2"], ["1"])
+
+
+# ---- cases that mutation testing showed were not pinned ---------------------------------
+
+def test_negative_decimals_keep_their_sign():
+    from fractions import Fraction
+
+    assert gsm8k.canonical_number(Fraction(-1, 4)) == "-0.25"
+    assert gsm8k.canonical_number(Fraction(1, 8)) == "0.125"
+    assert gsm8k.canonical_number(Fraction(-3, 1)) == "-3"
+    assert not gsm8k.score("The answer is -0.5", "#### 0.5")["correct"]
+    assert gsm8k.score("The answer is -0.5", "#### -0.5")["correct"]
+
+
+def test_the_last_hashes_mark_the_answer():
+    assert gsm8k.extract_answer("#### 3 no wait #### 5") == "5"
+    assert gsm8k.extract_answer("#### 3 #### 5 #### 7") == "7"
+    assert gsm8k.extract_reference("a #### 1 b #### 2 c #### 4") == "4"
+
+
+def test_division_by_zero_is_no_number():
+    assert gsm8k.normalize_number("3/0") is None
+    assert gsm8k.normalize_number("6/1") == "6"
+    assert gsm8k.extract_answer("ratio 3/0, so 7") == "7"
+
+
+def test_type_and_reference_errors_say_what_was_given():
+    with pytest.raises(TypeError, match=r"^gsm8k.score expects str prediction and reference, "
+                                        r"got int and NoneType$"):
+        gsm8k.score(3, None)
+    with pytest.raises(ValueError, match=r"^gsm8k.score: no number in reference '.{79}z'; "
+                                         r"expected text ending in '#### <number>' or a bare "
+                                         r"number$"):
+        gsm8k.score("1", "a" * 100 + "z")

@@ -75,7 +75,7 @@ def _pair(predictions, labels, where: str, integer: bool) -> tuple[np.ndarray, n
                     arr.dtype.kind == "f" and np.all(np.isfinite(arr))
                     and np.all(arr == np.round(arr))):
                 raise ValueError(f"{where}: {name} must be integer class ids, got dtype "
-                                 f"{arr.dtype} (first value {arr.flat[0]!r})")
+                                 f"{arr.dtype} (first value {arr.flat[0].item()!r})")
         elif arr.dtype.kind not in "iubf" or not np.all(np.isfinite(arr)):
             raise ValueError(f"{where}: {name} must be finite real numbers")
     if integer:
