@@ -212,3 +212,30 @@ def test_every_logical_name_has_a_rule():
         sharding.logical_to_mesh(("embed", "experts"))
     # An axis is used once per array: the second 'embed' stays unsplit.
     assert sharding.logical_to_mesh(("embed", "embed")) == ("fsdp", None)
+
+
+def test_bert_parameters_are_placed_by_the_same_rules():
+    _needs_8()
+    from psm.models.bert import Bert, BertConfig
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4,
+                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    state = nnx.state(Bert(cfg, rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh(2, 2, replica=2, fsdp=2, tensor=2)
+    shardings = _leaves(sharding.state_shardings(state, mesh, stacked=False))
+    want = {
+        "embed/word/embedding": P("tensor", "fsdp"),  # vocab, embed
+        "embed/position/embedding": P(None, "fsdp"),  # positions (unsplit), embed
+        "embed/token_type/embedding": P(None, "fsdp"),
+        "embed/norm/scale": P(), "embed/norm/bias": P(),
+        "layers/0/attn/query/kernel": P("fsdp", "tensor"), "layers/0/attn/query/bias": P("tensor"),
+        "layers/0/attn/out/kernel": P("tensor", "fsdp"), "layers/0/attn/out/bias": P("fsdp"),
+        "layers/0/ffn_in/kernel": P("fsdp", "tensor"), "layers/0/ffn_in/bias": P("tensor"),
+        "layers/0/ffn_out/kernel": P("tensor", "fsdp"), "layers/0/attn_norm/scale": P(),
+        "pooler/kernel": P("fsdp"), "pooler/bias": P(),  # embed, pooled (unsplit)
+        "classifier/kernel": P("fsdp"), "classifier/bias": P(),
+    }
+    for path, spec in want.items():
+        assert shardings[path].spec == spec, path
+    placed = jax.device_put(state, sharding.state_shardings(state, mesh, stacked=False))
+    x = _leaves(placed)["layers/0/ffn_in/kernel"]
+    assert x.sharding.shard_shape(x.shape) == (16, 32)
