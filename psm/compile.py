@@ -275,7 +275,8 @@ def report(r: dict) -> str:
         f"{cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, vocab "
         f"{cfg.vocab_size}, params {cfg.param_dtype}, compute {cfg.dtype}); K = "
         f"{r['replicas']} replicas x {r['batch']} rows x {r['seq_len']} tokens per step",
-        "mesh: " + " ".join(f"{a}={n}" for a, n in r["mesh"].items()),
+        "mesh: " + " ".join(f"{a}={n}" for a, n in r["mesh"].items())
+        + f" ({math.prod(r['mesh'].values())} of {r['devices']} devices)",
         f"train step per device: {_describe(r['train'], r['hbm_gib'])}",
     ]
     if r["merge"] is not None:
@@ -288,8 +289,9 @@ def report(r: dict) -> str:
                  f"{r['hbm_gib']:.3g} GiB per device)")
     flops = f"model FLOPs per step: {r['model_flops']:.3e}"
     if r["compiler_flops"] is not None:
-        flops += (f"; XLA's cost analysis: {r['compiler_flops']:.3e} per device (the body of "
-                  "a scanned loop counted once)")
+        flops += f"; XLA's cost analysis: {r['compiler_flops']:.3e} per device"
+        if cfg.scan_layers:
+            flops += " (the body of the scanned layers counted once)"
     lines.append(flops)
     return "\n".join(lines)
 

@@ -110,7 +110,7 @@ def test_command_prints_memory_and_the_fits_line():
     out = _cli("--config=configs/tiny.py:test", "--topology=v5e:2x2",
                "--config.mesh.replica=2", "--config.mesh.fsdp=2", "--nomerge")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "mesh: replica=2 fsdp=2 tensor=1" in out.stdout
+    assert "mesh: replica=2 fsdp=2 tensor=1 (4 of 4 devices)" in out.stdout
     assert re.search(r"^train step per device: arguments .* of 16 GiB HBM$", out.stdout, re.M)
     assert re.search(r"^fits: yes ", out.stdout, re.M), out.stdout
 

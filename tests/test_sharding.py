@@ -54,6 +54,7 @@ def _leaves(tree):
             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+@functools.lru_cache(maxsize=None)  # each mesh compiles once per session (nothing is donated later)
 def _run(replica, fsdp, tensor, steps=3):
     mesh = sharding.make_mesh(K, B, replica=replica, fsdp=fsdp, tensor=tensor)
     graphdef, base = nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))
@@ -69,7 +70,6 @@ def _run(replica, fsdp, tensor, steps=3):
     return mesh, params, opt, np.stack(losses)
 
 
-@functools.lru_cache(maxsize=1)
 def _one_device():
     return _run(1, 1, 1)
 
@@ -79,9 +79,13 @@ def _needs_8():
         pytest.skip("needs 8 (simulated) devices; tests/conftest.py sets them up")
 
 
+@functools.lru_cache(maxsize=1)
+def _eval_step():
+    return replicas.make_eval_step(nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))[0])
+
+
 def _eval(params, held):
-    eval_step = replicas.make_eval_step(nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))[0])
-    return np.asarray(eval_step(params, held))
+    return np.asarray(_eval_step()(params, held))
 
 
 @pytest.mark.parametrize("replica, fsdp, tensor", [(4, 2, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)])
@@ -128,7 +132,7 @@ def test_merge_and_evaluation_run_on_the_sharded_state():
     """The merges keep each leaf split inside the replica group: no device ever
     holds a whole merged (or stacked) model."""
     _needs_8()
-    mesh, params, _, _ = _run(2, 2, 2, steps=1)
+    mesh, params, _, _ = _run(2, 2, 2)
     with jax.set_mesh(mesh):
         merged = {"average": merge.average(params, stacked=True),
                   "select": merge.select(params, key=jax.random.key(0), stacked=True)}
