@@ -62,8 +62,12 @@ def base() -> config_dict.ConfigDict:
     c.train.eval_every = 100  # validation loss of singles and their average (Fig. 4); 0 = off
 
     c.mesh = config_dict.ConfigDict()
-    c.mesh.replica = -1  # -1: as many devices as divide K
-    c.mesh.data = 1
+    # (replica, fsdp, tensor) mesh, psm/sharding.py. -1 fills from the device count
+    # (replica: the largest divisor of K that fits; then fsdp or tensor: the rest).
+    c.mesh.replica = -1  # the K replicas
+    c.mesh.fsdp = 1  # inside a replica: batch and parameters' embed dimension
+    c.mesh.tensor = 1  # inside a replica: heads, MLP and vocabulary dimensions
+    c.mesh.data = config_dict.placeholder(int)  # deprecated alias of mesh.fsdp
 
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every_steps = 200

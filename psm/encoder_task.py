@@ -227,10 +227,11 @@ def mean_loss(graphdef, params, batch) -> jax.Array:
     return jnp.sum(per_sample_loss(graphdef, params, batch) * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def make_train_step(graphdef, tx, state_sharding=None, batch_sharding=None):
+def make_train_step(graphdef, tx, state_sharding=None, batch_sharding=None,
+                    opt_sharding=None):
     """`psm.replicas.make_train_step` with the encoder loss."""
     return replicas.make_train_step(graphdef, tx, state_sharding, batch_sharding,
-                                    loss_fn=mean_loss)
+                                    opt_sharding, loss_fn=mean_loss)
 
 
 def make_eval_step(graphdef):

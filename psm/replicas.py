@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+
+from psm import sharding
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -103,21 +106,51 @@ def make_replica_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    state_sharding=None, batch_sharding=None, loss_fn: Callable = mean_loss):
+                    state_sharding=None, batch_sharding=None, opt_sharding=None,
+                    loss_fn: Callable = mean_loss):
     """The jitted, vmapped step over all K replicas; the state is donated.
 
-    `loss_fn` as in `make_replica_step`; every batch array has a leading K axis.
-
+    Args:
+      state_sharding: the parameters' shardings (a tree from
+        `psm.sharding.state_shardings`, or one sharding for every leaf).
+      batch_sharding: for the `[K, B, T]` batch (every batch array has a leading K axis).
+      opt_sharding: the optimizer state's shardings; default `state_sharding`.
+      loss_fn: as in `make_replica_step`.
     Returns:
       `train_step(params [K,...], opt_state [K,...], batch [K,B,T]) ->
-      (params, opt_state, metrics {name: [K]})`.
+      (params, opt_state, metrics {name: [K]})`; the metrics are split over
+      `replica` only.
     """
     vmapped = jax.vmap(make_replica_step(graphdef, tx, loss_fn))
     if state_sharding is None:
         return jax.jit(vmapped, donate_argnums=(0, 1))
+    opt_sharding = state_sharding if opt_sharding is None else opt_sharding
+    metric_sharding = (sharding.replica_sharding(batch_sharding.mesh)
+                       if isinstance(batch_sharding, NamedSharding) else state_sharding)
     return jax.jit(vmapped, donate_argnums=(0, 1),
-                   in_shardings=(state_sharding, state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, state_sharding, state_sharding))
+                   in_shardings=(state_sharding, opt_sharding, batch_sharding),
+                   out_shardings=(state_sharding, opt_sharding, metric_sharding))
+
+
+def place_state(base: Any, k: int, tx: optax.GradientTransformation, mesh):
+    """K stacked copies of `base` and their optimizer state, created sharded.
+
+    Each array is built by a jit whose `out_shardings` are the rules' layout
+    (`psm.sharding.state_shardings`), so no device ever holds all K replicas.
+    Raises before anything is compiled when the mesh does not divide a
+    dimension it splits.
+
+    Returns:
+      (params `[K, ...]`, opt_state `[K, ...]`, params' shardings, opt_state's shardings).
+    """
+    stack_k = functools.partial(stack, k=k)
+    init = functools.partial(init_opt_state, tx)
+    abstract_params = jax.eval_shape(stack_k, base)
+    param_sh = sharding.state_shardings(abstract_params, mesh)
+    opt_sh = sharding.state_shardings(jax.eval_shape(init, abstract_params), mesh)
+    params_k = jax.jit(stack_k, out_shardings=param_sh)(base)
+    opt_k = jax.jit(init, out_shardings=opt_sh)(params_k)
+    return params_k, opt_k, param_sh, opt_sh
 
 
 def make_eval_step(graphdef: nnx.GraphDef, sample_loss: Callable = per_sample_loss):

@@ -1,55 +1,256 @@
-"""The device mesh: a `replica` axis for the K models and a `data` axis for the batch.
+"""The device mesh `(replica, fsdp, tensor)` and where every array of a run lives.
 
-Stacked state `[K, ...]` is sharded along `replica`; batches `[K, B, T]` along
-(`replica`, `data`). The axes are `Auto`, so XLA propagates shardings through
-the vmapped step without per-op annotations (explicit axes would require
-resharding every vmapped input, see anchors-jax.md section 3.4).
+  replica  the K models: stacked state `[K, ...]` is split on its leading axis.
+  fsdp     inside one replica: the batch `[K, B, T]` is split on B, and the
+           parameters' `embed` dimension (and with it Adam's moments) is split
+           too (fully sharded data parallel: ZeRO-3 style).
+  tensor   inside one replica: heads, MLP and vocabulary dimensions are split
+           (Megatron-style tensor parallelism); the batch is not.
+
+The models name their parameters' axes with logical names (Flax sharding
+metadata, `psm.models._fields.axes`); `LOGICAL_RULES` below is the one table
+that maps those names to mesh axes, as MaxText's `logical_axis_rules` do.
+Stacked state prepends `replica` to each parameter's spec (MaxText's DiLoCo
+does the same with its `diloco` axis). Optimizer state is sharded like its
+parameter (Adam's moments are parameter-shaped trees carrying the same
+metadata); its scalars (step counts, `[K]` once stacked) only on `replica`.
+
+The axes are `Auto`, so XLA propagates shardings through the vmapped step
+without per-op annotations (explicit axes would require resharding every
+vmapped input, see anchors-jax.md section 3.4).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from typing import Any, Sequence
+
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+MESH_AXES = ("replica", "fsdp", "tensor")
 
-def make_mesh(replica: int, data: int, num_replicas: int, batch_size: int) -> jax.sharding.Mesh:
-    """Builds a `(replica, data)` mesh over the first `replica * data` devices.
+# Logical axis name -> mesh axis (None: not split). Every name a model uses must
+# be listed, so that a new name cannot silently end up replicated.
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),  # D: hidden size (rows of most kernels)
+    ("vocab", "tensor"),  # V: embedding rows, lm_head columns
+    ("heads", "tensor"),  # H*hd: query / attention-output features
+    ("kv_heads", "tensor"),  # KV*hd: key / value features
+    ("mlp", "tensor"),  # F: MLP hidden size
+    ("norm", None),  # norm scales and biases: small, replicated
+    ("layers", None),  # the scan axis of stacked blocks
+    ("positions", None),  # BERT position embedding rows
+    ("types", None),  # BERT token-type embedding rows
+    ("pooled", None),  # BERT pooler output
+    ("classes", None),  # classifier outputs
+)
+
+
+def _config_key(axis: str) -> str:
+    return f"config.mesh.{axis}"
+
+
+def mesh_shape(num_devices: int, num_replicas: int, batch_size: int, *, replica: int = -1,
+               fsdp: int = 1, tensor: int = 1, fsdp_key: str = "config.mesh.fsdp"
+               ) -> tuple[int, int, int]:
+    """Resolves `(replica, fsdp, tensor)`, refusing a mesh that does not fit.
+
+    `-1` fills from the device count: `replica = -1` takes the largest divisor
+    of K that fits the devices left by the fixed axes; then one of `fsdp` /
+    `tensor` may be -1 and takes every device left.
+
+    Raises:
+      ValueError naming the config key and the sizes (devices, K, batch).
+    """
+    sizes = {"replica": replica, "fsdp": fsdp, "tensor": tensor}
+    keys = {"replica": _config_key("replica"), "fsdp": fsdp_key,
+            "tensor": _config_key("tensor")}
+    for axis, size in sizes.items():
+        if size == 0 or size < -1 or int(size) != size:
+            raise ValueError(f"{keys[axis]} must be a positive integer or -1 (fill from the "
+                             f"device count), got {size}")
+    fill = [a for a in ("fsdp", "tensor") if sizes[a] == -1]
+    if len(fill) > 1:
+        raise ValueError("only one of config.mesh.fsdp and config.mesh.tensor may be -1")
+    fixed = math.prod(s for a, s in sizes.items() if s != -1)
+    if replica == -1:
+        r = max(1, min(num_devices // fixed, num_replicas))
+        while num_replicas % r:
+            r -= 1
+        sizes["replica"] = replica = r
+    if fill:
+        sizes[fill[0]] = max(1, num_devices // (replica * (fsdp if fsdp != -1 else 1)
+                                               * (tensor if tensor != -1 else 1)))
+    replica, fsdp, tensor = sizes["replica"], sizes["fsdp"], sizes["tensor"]
+    if replica * fsdp * tensor > num_devices:
+        raise ValueError(
+            f"config.mesh asks for {replica} x {fsdp * tensor} devices ({keys['replica']}="
+            f"{replica} replica groups of {keys['fsdp']}={fsdp} x {keys['tensor']}={tensor}), "
+            f"but only {num_devices} are available")
+    if num_replicas % replica:
+        raise ValueError(f"{keys['replica']} ({replica}) must divide config.num_replicas "
+                         f"({num_replicas})")
+    if batch_size % fsdp:
+        raise ValueError(f"{keys['fsdp']} ({fsdp}) must divide config.train.batch_size "
+                         f"({batch_size}): the batch of each replica is split over it")
+    return replica, fsdp, tensor
+
+
+def make_mesh(num_replicas: int, batch_size: int, *, replica: int = -1, fsdp: int = 1,
+              tensor: int = 1, devices: Sequence | None = None,
+              fsdp_key: str = "config.mesh.fsdp") -> jax.sharding.Mesh:
+    """Builds the `(replica, fsdp, tensor)` mesh (Auto axes) after `mesh_shape`'s checks.
 
     Args:
-      replica, data: mesh axis sizes (config.mesh.replica / config.mesh.data);
-        `replica = -1` means "all devices left after `data`".
       num_replicas: K, which `replica` must divide.
-      batch_size: per-replica batch, which `data` must divide.
+      batch_size: per-replica batch, which `fsdp` must divide.
+      replica, fsdp, tensor: axis sizes, -1 to fill (see `mesh_shape`).
+      devices: default `jax.devices()`; a TPU topology's devices for AOT compiles.
+      fsdp_key: the config key named in errors about the fsdp size.
     """
-    devices = jax.devices()
-    if data < 1:
-        raise ValueError(f"config.mesh.data must be >= 1, got {data}")
-    if replica == -1:
-        replica = max(1, min(len(devices) // data, num_replicas))
-        while num_replicas % replica:
-            replica -= 1
-    if replica < 1 or replica * data > len(devices):
-        raise ValueError(f"config.mesh asks for {replica} x {data} devices, but only "
-                         f"{len(devices)} are available")
-    if num_replicas % replica:
-        raise ValueError(f"config.mesh.replica ({replica}) must divide config.num_replicas "
-                         f"({num_replicas})")
-    if batch_size % data:
-        raise ValueError(f"config.mesh.data ({data}) must divide config.train.batch_size "
-                         f"({batch_size})")
-    grid = np.asarray(devices[:replica * data]).reshape(replica, data)
-    return jax.sharding.Mesh(grid, ("replica", "data"), axis_types=(AxisType.Auto,) * 2)
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(len(devices), num_replicas, batch_size, replica=replica, fsdp=fsdp,
+                       tensor=tensor, fsdp_key=fsdp_key)
+    auto = (AxisType.Auto,) * 3
+    if math.prod(shape) == len(devices):  # topology-aware device order (TPU ICI rings)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    grid = np.asarray(devices[:math.prod(shape)]).reshape(shape)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def mesh_from_config(config, batch_size: int, devices: Sequence | None = None
+                     ) -> jax.sharding.Mesh:
+    """`make_mesh` from config.mesh.{replica,fsdp,tensor}.
+
+    config.mesh.data, the batch split of the older `(replica, data)` mesh, is
+    accepted as a deprecated alias of config.mesh.fsdp (with a warning).
+    """
+    m = config.mesh
+    fsdp, fsdp_key = m.fsdp, "config.mesh.fsdp"
+    data = m.get("data")
+    if data is not None:
+        warnings.warn("config.mesh.data is deprecated: it is the batch split over the "
+                      "'fsdp' mesh axis now; set config.mesh.fsdp instead",
+                      FutureWarning, stacklevel=2)
+        if fsdp not in (1, data):
+            raise ValueError(f"config.mesh.data ({data}, a deprecated alias of "
+                             f"config.mesh.fsdp) conflicts with config.mesh.fsdp ({fsdp}); "
+                             "set only config.mesh.fsdp")
+        fsdp, fsdp_key = data, "config.mesh.data"
+    return make_mesh(config.num_replicas, batch_size, replica=m.replica, fsdp=fsdp,
+                     tensor=m.get("tensor", 1), devices=devices, fsdp_key=fsdp_key)
+
+
+def logical_to_mesh(names: Sequence[str | None], rules=LOGICAL_RULES) -> tuple:
+    """Mesh axes of logical axis names, e.g. `("embed", "mlp") -> ("fsdp", "tensor")`.
+
+    A mesh axis is used at most once per array: a later dimension whose rule
+    names an axis already taken stays unsplit (as MaxText resolves it).
+
+    Raises:
+      ValueError: a name that is not in `rules` (lists the known names).
+    """
+    table = dict(rules)
+    out, used = [], set()
+    for name in names:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis name {name!r} has no rule in "
+                             f"psm.sharding.LOGICAL_RULES; known: {sorted(table)}")
+        axis = table[name]
+        out.append(axis if axis not in used else None)
+        used.add(axis)
+    return tuple(out)
+
+
+def _names(x) -> tuple | None:
+    """The logical names in a Variable's metadata, or None."""
+    return x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
+
+
+def _shape(x) -> tuple:
+    return tuple((x.get_value() if isinstance(x, nnx.Variable) else x).shape)
+
+
+def spec_of(x, *, stacked: bool = True, rules=LOGICAL_RULES, path: str = "?") -> P:
+    """PartitionSpec of one leaf (a Variable carrying logical names, or an array).
+
+    Args:
+      x: an `nnx.Variable` (its value `[K, ...]` when `stacked`) or an array.
+      stacked: the leaf has a leading K axis, split over `replica`.
+      path: the leaf's path, for errors.
+    """
+    shape = _shape(x)
+    inner = len(shape) - int(stacked)
+    names = _names(x)
+    if names is None:  # step counts and other metadata-free leaves
+        mapped = (None,) * inner
+    else:
+        if len(names) != inner:
+            raise ValueError(f"leaf {path}: logical axes {tuple(names)} name {len(names)} "
+                             f"dimensions but the parameter has shape {shape[int(stacked):]}")
+        mapped = logical_to_mesh(names, rules)
+    spec = (("replica",) if stacked else ()) + mapped
+    while spec and spec[-1] is None:  # P('replica') rather than P('replica', None, None)
+        spec = spec[:-1]
+    return P(*spec)
+
+
+def _check_divides(path: str, x, spec: P, mesh) -> None:
+    shape, names = _shape(x), _names(x)
+    offset = len(shape) - len(names) if names else 0
+    for dim, axis in enumerate(spec):
+        if axis is None:
+            continue
+        n = mesh.shape[axis]
+        if shape[dim] % n:
+            what = (f"'{names[dim - offset]}'" if names and dim >= offset else "K")
+            raise ValueError(
+                f"{_config_key(axis)} ({n}) does not divide dimension {dim} ({what}, size "
+                f"{shape[dim]}) of {path} {shape}; pick a mesh size that divides it")
+
+
+def state_shardings(tree: Any, mesh, *, stacked: bool = True, rules=LOGICAL_RULES) -> Any:
+    """`NamedSharding`s for every leaf of params / optimizer state (concrete or abstract).
+
+    Args:
+      tree: nnx.State / optax state whose Variables carry logical names; leaves
+        `[K, ...]` when `stacked`.
+    Returns:
+      The same tree with each leaf's value replaced by its NamedSharding (a
+      valid `in_shardings` / `out_shardings` for jit).
+    Raises:
+      ValueError: a mesh axis that does not divide the dimension it splits
+        (names the config key, the leaf and the sizes), before anything compiles.
+    """
+
+    def one(path, x):
+        where = jax.tree_util.keystr(path, simple=True, separator="/")
+        if not hasattr(x, "shape") and not isinstance(x, nnx.Variable):
+            return x
+        spec = spec_of(x, stacked=stacked, rules=rules, path=where)
+        _check_divides(where, x, spec, mesh)
+        sh = NamedSharding(mesh, spec)
+        return x.replace(sh) if isinstance(x, nnx.Variable) else sh
+
+    return jax.tree_util.tree_map_with_path(
+        one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def replica_sharding(mesh) -> NamedSharding:
-    """For stacked `[K, ...]` leaves: K split over `replica`, the rest replicated."""
+    """For `[K, ...]` leaves split over `replica` only (per-replica metrics)."""
     return NamedSharding(mesh, P("replica"))
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    """For `[K, B, ...]` batches."""
-    return NamedSharding(mesh, P("replica", "data"))
+    """For `[K, B, ...]` batches: K over `replica`, B over `fsdp`."""
+    return NamedSharding(mesh, P("replica", "fsdp"))
 
 
 def replicated(mesh) -> NamedSharding:

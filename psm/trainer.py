@@ -130,8 +130,7 @@ def validate_config(config) -> None:
         _validate_model(config)
     # The mesh is built from the visible devices; building it here costs nothing
     # and fails (naming config.mesh.*) before the base is pre-trained.
-    sharding.make_mesh(config.mesh.replica, config.mesh.data, config.num_replicas,
-                       train.batch_size)
+    sharding.mesh_from_config(config, train.batch_size)
 
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -393,16 +392,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
              steps_per_epoch, total_steps)
 
     # ----------------------------------------------------- replicas and mesh
-    mesh = sharding.make_mesh(config.mesh.replica, config.mesh.data, k, batch_size)
-    state_sh, batch_sh = sharding.replica_sharding(mesh), sharding.batch_sharding(mesh)
+    # (replica, fsdp, tensor): each replica's parameters and Adam state are split
+    # by psm.sharding.LOGICAL_RULES inside its replica group.
+    mesh = sharding.mesh_from_config(config, batch_size)
+    batch_sh = sharding.batch_sharding(mesh)
     tx, lr_schedule = make_optimizer(config, total_steps)
-    params_k = jax.device_put(replicas.stack(base, k), state_sh)
-    opt_k = jax.device_put(replicas.init_opt_state(tx, params_k), state_sh)
+    params_k, opt_k, state_sh, opt_sh = replicas.place_state(base, k, tx, mesh)
     if encoder:
-        train_step = encoder_task.make_train_step(graphdef, tx, state_sh, batch_sh)
+        train_step = encoder_task.make_train_step(graphdef, tx, state_sh, batch_sh, opt_sh)
         eval_step = encoder_task.make_eval_step(graphdef)
     else:
-        train_step = replicas.make_train_step(graphdef, tx, state_sh, batch_sh)
+        train_step = replicas.make_train_step(graphdef, tx, state_sh, batch_sh, opt_sh)
         eval_step = replicas.make_eval_step(graphdef)
     log.info("mesh %s; %d parameters per replica", dict(mesh.shape),
              sum(x.size for x in jax.tree.leaves(base)))

@@ -1,16 +1,38 @@
-"""The same step on 1 device and on a (replica=4, data=2) mesh of 8 CPU devices."""
+"""The same steps on 1 device and on (replica, fsdp, tensor) meshes of 8 CPU devices,
+with every parameter placed where psm.sharding.LOGICAL_RULES says."""
+
+import functools
+import warnings
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_dict
 
-from psm import replicas, sharding
+from psm import merge, replicas, sharding
 from psm.models.llama import Llama, LlamaConfig
 
 CFG = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_seq_len=8)
-K, B, T = 4, 4, 8
+K, B, T = 4, 8, 8
+
+# What the rules must give, written out by hand: leaf name -> spec of the stacked leaf.
+EXPECTED = {
+    "embed/embedding": P("replica", "tensor", "fsdp"),  # [V, D]: vocab, embed
+    "attn/q_proj/kernel": P("replica", "fsdp", "tensor"),  # [D, H*hd]: embed, heads
+    "attn/k_proj/kernel": P("replica", "fsdp", "tensor"),  # [D, KV*hd]: embed, kv_heads
+    "attn/v_proj/kernel": P("replica", "fsdp", "tensor"),
+    "attn/o_proj/kernel": P("replica", "tensor", "fsdp"),  # [H*hd, D]: heads, embed
+    "mlp/gate_proj/kernel": P("replica", "fsdp", "tensor"),  # [D, F]: embed, mlp
+    "mlp/up_proj/kernel": P("replica", "fsdp", "tensor"),
+    "mlp/down_proj/kernel": P("replica", "tensor", "fsdp"),  # [F, D]: mlp, embed
+    "attn_norm/scale": P("replica"),  # norms: replicated inside a replica
+    "mlp_norm/scale": P("replica"),
+    "final_norm/scale": P("replica"),
+    "lm_head/kernel": P("replica", "fsdp", "tensor"),  # [D, V]: embed, vocab
+}
 
 
 def _batches(n):
@@ -26,50 +48,198 @@ def _batches(n):
     return out
 
 
-def _run(replica_axis, data_axis):
-    mesh = sharding.make_mesh(replica_axis, data_axis, K, B)
+def _leaves(tree):
+    """'a/b/c' -> leaf, for a tree of arrays or shardings."""
+    return {jax.tree_util.keystr(p, simple=True, separator="/").removesuffix("/value"): x
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@functools.lru_cache(maxsize=None)  # each mesh compiles once per session (nothing is donated later)
+def _run(replica, fsdp, tensor, steps=3):
+    mesh = sharding.make_mesh(K, B, replica=replica, fsdp=fsdp, tensor=tensor)
     graphdef, base = nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))
     tx, _ = replicas.make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0)
-    st, bt = sharding.replica_sharding(mesh), sharding.batch_sharding(mesh)
-    params = jax.device_put(replicas.stack(base, K), st)
-    opt = jax.device_put(replicas.init_opt_state(tx, params), st)
-    step = replicas.make_train_step(graphdef, tx, st, bt)
+    params, opt, param_sh, opt_sh = replicas.place_state(base, K, tx, mesh)
+    bt = sharding.batch_sharding(mesh)
+    step = replicas.make_train_step(graphdef, tx, param_sh, bt, opt_sh)
     losses = []
     with jax.set_mesh(mesh):
-        for batch in _batches(3):
+        for batch in _batches(steps):
             params, opt, m = step(params, opt, jax.device_put(batch, bt))
             losses.append(np.asarray(m["loss"]))
-    return params, np.stack(losses)
+    return mesh, params, opt, np.stack(losses)
 
 
-def test_replica_axis_is_sharded_and_losses_match_one_device():
+def _one_device():
+    return _run(1, 1, 1)
+
+
+def _needs_8():
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (simulated) devices; tests/conftest.py sets them up")
-    params_1, losses_1 = _run(1, 1)
-    params_8, losses_8 = _run(4, 2)
-    leaf = jax.tree.leaves(params_8)[0]
-    assert len(leaf.sharding.device_set) == 8
-    assert leaf.sharding.shard_shape(leaf.shape)[0] == 1  # one replica per replica-row
-    assert len(jax.tree.leaves(params_1)[0].sharding.device_set) == 1
-    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
-    # Splitting the batch over `data` changes the gradient's summation order, and
-    # Adam's g / (sqrt(v) + eps) turns rounding in near-zero gradients into
-    # visible moves of single parameters, so the final parameters are compared
-    # through what they compute: per-sample losses on a held-out batch.
-    # (A replica-only mesh changes XLA's tiling of the same sums, with the same effect.)
+
+
+@functools.lru_cache(maxsize=1)
+def _eval_step():
+    return replicas.make_eval_step(nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))[0])
+
+
+def _eval(params, held):
+    return np.asarray(_eval_step()(params, held))
+
+
+@pytest.mark.parametrize("replica, fsdp, tensor", [(4, 2, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)])
+def test_mesh_matches_one_device_and_places_parameters_by_the_rules(replica, fsdp, tensor):
+    _needs_8()
+    _, params_1, _, losses_1 = _one_device()
+    mesh, params, opt, losses = _run(replica, fsdp, tensor)
+    assert dict(mesh.shape) == {"replica": replica, "fsdp": fsdp, "tensor": tensor}
+    np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
+
+    # Every parameter, after 3 donated steps, is laid out as the rules say.
+    sizes = dict(mesh.shape)
+    leaves = _leaves(params)
+    assert len(leaves) == 2 * 9 + 3
+    for path, x in leaves.items():
+        name = "/".join(path.split("/")[2:]) if path.startswith("layers/") else path
+        want = EXPECTED[name]
+        assert x.sharding.spec == want, path
+        assert len(x.sharding.device_set) == 8, path
+        shard = tuple(d // (sizes[a] if a else 1) for d, a in
+                      zip(x.shape, tuple(want) + (None,) * (x.ndim - len(want))))
+        assert x.sharding.shard_shape(x.shape) == shard, path
+    # Adam's moments mirror their parameter; the step counts are split on K only.
+    adam = opt[1][0]
+    for moments in (adam.mu, adam.nu):
+        for path, x in _leaves(moments).items():
+            assert x.sharding.spec == leaves[path].sharding.spec, path
+    for count in (adam.count, opt[1][-1].count):
+        assert count.shape == (K,) and count.sharding.spec == P("replica")
+
+    # The batch split changes the gradient's summation order, and Adam's
+    # g / (sqrt(v) + eps) turns rounding in near-zero gradients into visible moves
+    # of single parameters, so the final parameters are compared through what
+    # they compute: per-sample losses on a held-out batch.
     held = jax.tree.map(lambda x: x[0], _batches(4)[3])
-    eval_step = replicas.make_eval_step(nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))[0])
-    np.testing.assert_allclose(np.asarray(eval_step(params_8, held)),
-                               np.asarray(eval_step(params_1, held)), rtol=1e-5)
+    with jax.set_mesh(mesh):
+        sharded = _eval(params, held)
+    np.testing.assert_allclose(sharded, _eval(params_1, held), rtol=1e-5)
     # ... and the replicas did train apart (the comparison is not vacuous).
-    per_replica = np.asarray(eval_step(params_1, held))
-    assert np.ptp(per_replica.mean(axis=1)) > 1e-4
+    assert np.ptp(_eval(params_1, held).mean(axis=1)) > 1e-4
 
 
-def test_mesh_errors_name_the_config_key():
-    with pytest.raises(ValueError, match="config.mesh.replica"):
-        sharding.make_mesh(3, 1, 4, 8)
-    with pytest.raises(ValueError, match="config.mesh.data"):
-        sharding.make_mesh(1, 3, 4, 8)
-    with pytest.raises(ValueError, match="devices"):
-        sharding.make_mesh(4, 4, 4, 8)
+def test_merge_and_evaluation_run_on_the_sharded_state():
+    """The merges keep each leaf split inside the replica group: no device ever
+    holds a whole merged (or stacked) model."""
+    _needs_8()
+    mesh, params, _, _ = _run(2, 2, 2)
+    with jax.set_mesh(mesh):
+        merged = {"average": merge.average(params, stacked=True),
+                  "select": merge.select(params, key=jax.random.key(0), stacked=True)}
+    for name, tree in merged.items():
+        for path, x in _leaves(tree).items():
+            want = _leaves(params)[path].sharding.spec
+            assert x.sharding.spec == P(*tuple(want)[1:]), (name, path)
+            assert len(x.sharding.device_set) == 8, (name, path)
+    embed = _leaves(merged["average"])["embed/embedding"]  # [V, D] over tensor x fsdp
+    assert embed.sharding.shard_shape(embed.shape) == (CFG.vocab_size // 2, CFG.hidden_size // 2)
+    # The same merge of the same replicas gathered onto one device (the sum over
+    # K is split over `replica` above, so it may differ in the last bit).
+    one = merge.average(jax.device_get(params), stacked=True)
+    for path, x in _leaves(merged["average"]).items():
+        np.testing.assert_allclose(np.asarray(x), np.asarray(_leaves(one)[path]),
+                                   rtol=1e-6, atol=1e-9)
+    # Evaluation of the merged model, also sharded.
+    held = jax.tree.map(lambda x: x[0], _batches(2)[1])
+    with jax.set_mesh(mesh):
+        stacked_avg = jax.tree.map(lambda x: x[None], merged["average"])
+        got = _eval(stacked_avg, held)
+    np.testing.assert_allclose(got, _eval(jax.tree.map(lambda x: x[None], one), held), rtol=1e-5)
+
+
+def test_mesh_errors_name_the_config_key_and_sizes():
+    with pytest.raises(ValueError, match=r"config\.mesh\.replica \(3\) must divide "
+                                         r"config\.num_replicas \(4\)"):
+        sharding.make_mesh(4, 8, replica=3, fsdp=1, devices=jax.devices()[:8])
+    with pytest.raises(ValueError, match=r"config\.mesh\.fsdp \(3\) must divide "
+                                         r"config\.train\.batch_size \(8\)"):
+        sharding.make_mesh(4, 8, replica=1, fsdp=3, devices=jax.devices()[:8])
+    with pytest.raises(ValueError, match=r"asks for 4 x 4 devices .* only 8 are available"):
+        sharding.make_mesh(4, 8, replica=4, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    with pytest.raises(ValueError, match=r"config\.mesh\.tensor must be a positive integer"):
+        sharding.make_mesh(4, 8, tensor=0)
+    with pytest.raises(ValueError, match=r"only one of config\.mesh\.fsdp and"):
+        sharding.make_mesh(4, 8, fsdp=-1, tensor=-1)
+
+
+def test_minus_one_fills_from_the_device_count():
+    assert sharding.mesh_shape(64, 4, 16, replica=-1, fsdp=-1) == (4, 16, 1)
+    assert sharding.mesh_shape(64, 4, 16, replica=-1, fsdp=-1, tensor=4) == (4, 4, 4)
+    assert sharding.mesh_shape(8, 4, 8, replica=-1, tensor=-1) == (4, 1, 2)
+    assert sharding.mesh_shape(8, 6, 8) == (6, 1, 1)
+    assert sharding.mesh_shape(8, 4, 8, replica=1, fsdp=-1) == (1, 8, 1)
+
+
+def test_mesh_data_is_a_deprecated_alias_of_fsdp():
+    _needs_8()
+    c = config_dict.ConfigDict({"num_replicas": 4, "mesh": {
+        "replica": 2, "fsdp": 1, "tensor": 1, "data": config_dict.placeholder(int)}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning without the alias
+        assert dict(sharding.mesh_from_config(c, 8).shape)["fsdp"] == 1
+    c.mesh.data = 4
+    with pytest.warns(FutureWarning, match=r"config\.mesh\.data is deprecated"):
+        mesh = sharding.mesh_from_config(c, 8)
+    assert dict(mesh.shape) == {"replica": 2, "fsdp": 4, "tensor": 1}
+    c.mesh.data = 3  # the error names the key the user set
+    with pytest.warns(FutureWarning), pytest.raises(
+            ValueError, match=r"config\.mesh\.data \(3\) must divide config\.train\.batch_size"):
+        sharding.mesh_from_config(c, 8)
+    c.mesh.data, c.mesh.fsdp = 2, 4
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"conflicts with"):
+        sharding.mesh_from_config(c, 8)
+
+
+def test_a_mesh_that_does_not_divide_a_parameter_is_refused_before_compiling():
+    _needs_8()
+    cfg = CFG.replace(vocab_size=42)  # 42 rows of the embedding, tensor = 4
+    mesh = sharding.make_mesh(K, B, replica=2, fsdp=1, tensor=4)
+    _, base = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
+    tx, _ = replicas.make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0)
+    with pytest.raises(ValueError, match=r"config\.mesh\.tensor \(4\) does not divide dimension "
+                                         r"1 \('vocab', size 42\) of embed/embedding"):
+        replicas.place_state(base, K, tx, mesh)
+
+
+def test_every_logical_name_has_a_rule():
+    with pytest.raises(ValueError, match=r"'experts' has no rule"):
+        sharding.logical_to_mesh(("embed", "experts"))
+    # An axis is used once per array: the second 'embed' stays unsplit.
+    assert sharding.logical_to_mesh(("embed", "embed")) == ("fsdp", None)
+
+
+def test_bert_parameters_are_placed_by_the_same_rules():
+    _needs_8()
+    from psm.models.bert import Bert, BertConfig
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4,
+                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    state = nnx.state(Bert(cfg, rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh(2, 2, replica=2, fsdp=2, tensor=2)
+    shardings = _leaves(sharding.state_shardings(state, mesh, stacked=False))
+    want = {
+        "embed/word/embedding": P("tensor", "fsdp"),  # vocab, embed
+        "embed/position/embedding": P(None, "fsdp"),  # positions (unsplit), embed
+        "embed/token_type/embedding": P(None, "fsdp"),
+        "embed/norm/scale": P(), "embed/norm/bias": P(),
+        "layers/0/attn/query/kernel": P("fsdp", "tensor"), "layers/0/attn/query/bias": P("tensor"),
+        "layers/0/attn/out/kernel": P("tensor", "fsdp"), "layers/0/attn/out/bias": P("fsdp"),
+        "layers/0/ffn_in/kernel": P("fsdp", "tensor"), "layers/0/ffn_in/bias": P("tensor"),
+        "layers/0/ffn_out/kernel": P("tensor", "fsdp"), "layers/0/attn_norm/scale": P(),
+        "pooler/kernel": P("fsdp"), "pooler/bias": P(),  # embed, pooled (unsplit)
+        "classifier/kernel": P("fsdp"), "classifier/bias": P(),
+    }
+    for path, spec in want.items():
+        assert shardings[path].spec == spec, path
+    placed = jax.device_put(state, sharding.state_shardings(state, mesh, stacked=False))
+    x = _leaves(placed)["layers/0/ffn_in/kernel"]
+    assert x.sharding.shard_shape(x.shape) == (16, 32)

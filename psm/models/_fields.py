@@ -31,3 +31,13 @@ def check_dtype_names(config) -> None:
         if value not in DTYPES:
             raise ValueError(f"{type(config).__name__}.{name} must be one of "
                              f"{sorted(DTYPES)}, got {value!r}")
+
+
+def axes(*names: str) -> dict:
+    """Variable metadata naming a parameter's logical axes, e.g. `("embed", "mlp")`.
+
+    Read by `psm.sharding` (LOGICAL_RULES map the names to mesh axes), which
+    places the stacked state; `eager_sharding=False` keeps Flax from sharding
+    at creation, so a model built outside any mesh stays valid.
+    """
+    return {"out_sharding": names, "eager_sharding": False}

@@ -16,6 +16,12 @@ Parameter tree (kernels `[in, out]`, the transpose of HF's `[out, in]`):
   pooler/{kernel,bias}                         [D, D], [D]   (when add_pooler)
   classifier/{kernel,bias}                     [D, C], [C]   (when num_labels > 0)
 
+Every parameter names its axes in Flax sharding metadata (`embed` D, `heads`
+the D = H*hd attention features, `mlp` F, `vocab` V, `norm`, and the
+unsharded `positions`, `types`, `pooled`, `classes`); `psm.sharding` maps
+them to mesh axes. The names change neither the computation nor the
+checkpoint format.
+
 Dropout is active only when a `dropout_key` is passed, which keeps the
 forward pass a pure function of (params, inputs, key).
 """
@@ -29,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from psm.models._fields import DTYPES, check_dtype_names, from_fields
+from psm.models._fields import DTYPES, axes, check_dtype_names, from_fields
 
 _ACTS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
          "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -131,14 +137,17 @@ class BertConfig:
         return DTYPES[self.dtype]
 
 
-def _dense(d_in, d_out, cfg: BertConfig, rngs):
+def _dense(d_in, d_out, cfg: BertConfig, rngs, names: tuple[str, str] = ("embed", "classes")):
+    """`[d_in, d_out]` kernel named `names`, `[d_out]` bias named `names[1]`."""
     return nnx.Linear(d_in, d_out, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
+                      kernel_metadata=axes(*names), bias_metadata=axes(names[1]))
 
 
 def _norm(cfg: BertConfig, rngs):
     return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
-                         param_dtype=cfg.jnp_param_dtype, rngs=rngs)
+                         param_dtype=cfg.jnp_param_dtype, rngs=rngs,
+                         scale_metadata=axes("norm"), bias_metadata=axes("norm"))
 
 
 def _dropout(x, rate: float, key):
@@ -153,9 +162,12 @@ class Embeddings(nnx.Module):
         init = nnx.initializers.normal(0.02)
         kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, embedding_init=init,
                   rngs=rngs)
-        self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
-        self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, **kw)
+        self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
+                              embedding_metadata=axes("vocab", "embed"), **kw)
+        self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                  embedding_metadata=axes("positions", "embed"), **kw)
+        self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size,
+                                    embedding_metadata=axes("types", "embed"), **kw)
         self.norm = _norm(cfg, rngs)
 
     def __call__(self, tokens, type_ids):  # [B, T] -> [B, T, D] float32
@@ -168,7 +180,9 @@ class SelfAttention(nnx.Module):
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.hidden_size
-        self.query, self.key, self.value, self.out = (_dense(d, d, cfg, rngs) for _ in range(4))
+        self.query, self.key, self.value = (_dense(d, d, cfg, rngs, ("embed", "heads"))
+                                            for _ in range(3))
+        self.out = _dense(d, d, cfg, rngs, ("heads", "embed"))
 
     def __call__(self, x, mask, key):
         """x: `[B, T, D]`; mask: `[B, T]` bool (True = real token)."""
@@ -194,8 +208,8 @@ class Layer(nnx.Module):
         self.cfg = cfg
         self.attn = SelfAttention(cfg, rngs=rngs)
         self.attn_norm = _norm(cfg, rngs)
-        self.ffn_in = _dense(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
-        self.ffn_out = _dense(cfg.intermediate_size, cfg.hidden_size, cfg, rngs)
+        self.ffn_in = _dense(cfg.hidden_size, cfg.intermediate_size, cfg, rngs, ("embed", "mlp"))
+        self.ffn_out = _dense(cfg.intermediate_size, cfg.hidden_size, cfg, rngs, ("mlp", "embed"))
         self.ffn_norm = _norm(cfg, rngs)
 
     def __call__(self, x, mask, key):
@@ -216,9 +230,10 @@ class Bert(nnx.Module):
         self.embed = Embeddings(cfg, rngs=rngs)
         self.layers = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         if cfg.add_pooler:
-            self.pooler = _dense(cfg.hidden_size, cfg.hidden_size, cfg, rngs)
+            self.pooler = _dense(cfg.hidden_size, cfg.hidden_size, cfg, rngs, ("embed", "pooled"))
         if cfg.num_labels:
-            self.classifier = _dense(cfg.hidden_size, cfg.num_labels, cfg, rngs)
+            self.classifier = _dense(cfg.hidden_size, cfg.num_labels, cfg, rngs,
+                                     ("embed", "classes"))
 
     def encode(self, tokens, type_ids=None, attention_mask=None, *, dropout_key=None):
         """Token representations.

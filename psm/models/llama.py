@@ -16,6 +16,12 @@ kernels are stored `[in, out]`, the transpose of HF's `[out, in]`):
   final_norm/scale                   [D]
   lm_head/kernel                     [D, V]   (absent when embeddings are tied)
 
+Every parameter carries the logical names of its axes as Flax sharding
+metadata (`out_sharding`, not applied at creation): `embed` (D), `heads`
+(H*hd), `kv_heads` (KV*hd), `mlp` (F), `vocab` (V), `norm` (norm scales) and
+`layers` (the scan axis). `psm.sharding.LOGICAL_RULES` maps them to mesh axes;
+the names change neither the computation nor the checkpoint format.
+
 This per-layer ("list") layout is the canonical one: converters, exports and
 checkpoints use it. With `LlamaConfig.scan_layers=True` the blocks are stored
 stacked instead, `layers/<name>` with a leading `[L]` axis (for example
@@ -41,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from psm.models._fields import DTYPES, check_dtype_names, from_fields
+from psm.models._fields import DTYPES, axes, check_dtype_names, from_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +226,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, param_dtype):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **axes("norm"))
 
     def __call__(self, x):  # [..., D]
         x32 = x.astype(jnp.float32)
@@ -247,10 +253,12 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def _linear(d_in, d_out, cfg: LlamaConfig, rngs):
+def _linear(d_in, d_out, cfg: LlamaConfig, rngs, names: tuple[str, str]):
+    """Bias-free `[d_in, d_out]` projection whose axes are named `names`."""
     return nnx.Linear(d_in, d_out, use_bias=False, dtype=cfg.jnp_dtype,
                       param_dtype=cfg.jnp_param_dtype,
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
+                      kernel_metadata=axes(*names))
 
 
 class Attention(nnx.Module):
@@ -259,10 +267,12 @@ class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         hd = cfg.resolved_head_dim
-        self.q_proj = _linear(cfg.hidden_size, cfg.num_heads * hd, cfg, rngs)
-        self.k_proj = _linear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg, rngs)
-        self.v_proj = _linear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg, rngs)
-        self.o_proj = _linear(cfg.num_heads * hd, cfg.hidden_size, cfg, rngs)
+        self.q_proj = _linear(cfg.hidden_size, cfg.num_heads * hd, cfg, rngs, ("embed", "heads"))
+        self.k_proj = _linear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg, rngs,
+                              ("embed", "kv_heads"))
+        self.v_proj = _linear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg, rngs,
+                              ("embed", "kv_heads"))
+        self.o_proj = _linear(cfg.num_heads * hd, cfg.hidden_size, cfg, rngs, ("heads", "embed"))
 
     def __call__(self, x, positions, segment_ids, kv=None):
         """Attend over the sequence, or over a cache when `kv` is given.
@@ -313,9 +323,10 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
-        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, cfg, rngs)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(d, f, cfg, rngs, ("embed", "mlp"))
+        self.up_proj = _linear(d, f, cfg, rngs, ("embed", "mlp"))
+        self.down_proj = _linear(f, d, cfg, rngs, ("mlp", "embed"))
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -342,7 +353,7 @@ def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
     """One Block whose parameters carry a leading `[L]` axis (scan layout)."""
 
     @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(r):
         return Block(cfg, rngs=r)
 
@@ -357,14 +368,15 @@ class Llama(nnx.Module):
         cfg = config
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype,
                                param_dtype=cfg.jnp_param_dtype,
-                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+                               embedding_metadata=axes("vocab", "embed"))
         if cfg.scan_layers:
             self.layers = _stacked_blocks(cfg, rngs)
         else:
             self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs, ("embed", "vocab"))
 
     def _logits(self, x):  # [B, T, D] -> float32 [B, T, V]
         x = self.final_norm(x)
