@@ -47,6 +47,10 @@ def test_latest_step_restore_and_keep(tmp_path):
         ckpt.save(s, state)
         assert ckpt.latest_step() == s
     assert _steps(directory) == [4, 6]  # keep = 2: the oldest is gone
+    # An older kept step restores its own state, not the latest.
+    older = ckpt.restore(4, _state(99))
+    np.testing.assert_array_equal(np.asarray(older["params"]["w"]),
+                                  np.asarray(states[4]["params"]["w"]))
     restored = ckpt.restore(6, _state(99))
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(states[6])):
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -85,10 +89,16 @@ def test_restore_tree_reads_a_saved_tree_and_names_a_wrong_folder(tmp_path):
     with pytest.raises(ValueError, match=r"nowhere: no such orbax checkpoint folder"):
         checkpoint.restore_tree(str(tmp_path / "nowhere"), state)
     (tmp_path / "plain").mkdir()
-    (tmp_path / "plain" / "model.safetensors").write_text("x")
+    for i in range(6):
+        (tmp_path / "plain" / f"model-{i}.safetensors").write_text("x")
     with pytest.raises(ValueError, match=r"plain is not an orbax checkpoint: it has no "
-                                         r"_METADATA file \(it holds \['model.safetensors'\]\)"):
+                                         r"_METADATA file \(it holds \['model-0.safetensors', "
+                                         r"('model-\d.safetensors', ){3}'model-4.safetensors'\]\)$"):
         checkpoint.restore_tree(str(tmp_path / "plain"), state)
     other = {"params": {"w": jnp.zeros((3, 5))}}
-    with pytest.raises(ValueError, match=r"its tree does not match the config's model"):
+    with pytest.raises(ValueError) as info:
         checkpoint.restore_tree(path, other)
+    # One line: orbax's own first line (which dumps both trees after it), then the advice.
+    first = str(info.value.__cause__).strip().splitlines()[0][:300]
+    assert first and str(info.value) == (f"{path}: its tree does not match the config's model "
+                                         f"({first}); pass the config it was saved with")
