@@ -22,6 +22,16 @@ the sample and gathers the inside values, reading the arrays in place: both are
 bound by memory latency, and XLA keeps its threads busy waiting where numpy
 uses one; sharded or accelerator leaves use XLA kernels for both (same bits).
 
+Tie classes. Where many entries share a magnitude (bfloat16 or quantised
+deltas, the zero deltas at low thresholds) the sample shows it: lo == hi, or
+many sampled values equal lo or hi (`_tie_mode`). Such a model's labels then
+separate the entries equal to hi and to lo from those strictly between
+(`_layouts`); the host counts the two end classes (per block of >= 2^16
+scalars) instead of gathering, partitioning and sorting what may be millions of
+equal values, and where the threshold is an end value it finds the position of
+the last kept tie from the block counts and one recomputed block (`_find_tie`).
+What is gathered stays about as small as for distinct magnitudes.
+
 If the bracket misses (a check on the exact counts), the group falls back to a
 full host-side `np.partition`, so the result is always exact. Magnitudes are
 compared as the bit patterns of non-negative floats (same order as the values).
