@@ -390,7 +390,7 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
                 var = _sample_variance(sample[i], n, job.ks[i], BLOCK, sub)
                 lo[i], hi[i] = _bracket_uniform(sample[i], n / sample.shape[1], job.ks[i],
                                                 var, nonebits, sub)
-                tie[i] = _tie_mode(sample[i], lo[i], hi[i])
+                tie[i] = _tie_mode(sample[i], lo[i], hi[i], sub)
             job.lo, job.hi = lo, hi
             job.pending = _label_dispatch(job.leaf, job.leaf.base, lo, hi, job.todo, tie)
             labelled.append((job, pool.submit(_decode_and_gather, job, k_models, x64,
@@ -481,16 +481,25 @@ def _solve_job_exact(job):
         job.tbits[i], (job.cuts[i],) = _solve_full([bits[i]], [0], job.ks[i], job.utype)
 
 
-def _tie_mode(sample, lo, hi) -> bool:
+def _tie_mode(sample, lo, hi, sub=None) -> bool:
     """Whether a model's bracket [lo, hi] should be tie-labelled (see `_Part`):
     when lo == hi (the sample puts one value on both ends: a tie class wider
     than the bracket), or when at least a quarter of the sampled entries in the
     bracket (and 8 or more) equal lo or hi. Such classes (bfloat16 or quantised
     deltas, or the zero deltas at low thresholds) would otherwise be gathered
     and sorted entry by entry; counted instead, they cost two bits per scalar.
-    A wrong guess costs time, never exactness."""
+    A wrong guess costs time, never exactness.
+
+    sub: the sorted sub-sample `np.sort(sample[::STRIDE])`, if at hand; it is
+    then read instead of the sample (four binary searches rather than passes
+    over the sample), with 2 or more entries on the ends."""
     if lo == hi:
         return True
+    if sub is not None:
+        left = np.searchsorted(sub, [lo, hi], side="left")
+        right = np.searchsorted(sub, [lo, hi], side="right")
+        ends = int((right - left).sum())
+        return ends >= 2 and 4 * ends >= int(right[1] - left[0])
     ends = int(np.count_nonzero(sample == lo)) + int(np.count_nonzero(sample == hi))
     inside = int(np.count_nonzero((sample >= lo) & (sample <= hi)))
     return ends >= 8 and 4 * ends >= inside

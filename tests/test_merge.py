@@ -1237,8 +1237,8 @@ def test_ties_tie_heavy_exact_and_counted(monkeypatch, path, dtype, scope):
     monkeypatch.setattr(_merge_trim, "_solve", lambda parts, *a: (
         gathered.append((sum(len(p.vals) for p in parts), sum(p.n for p in parts))),
         solve(parts, *a))[1])
-    monkeypatch.setattr(_merge_trim, "_tie_mode", lambda s, lo, hi: (
-        modes.append((bool(tie_mode(s, lo, hi)), lo == hi)), tie_mode(s, lo, hi))[1])
+    monkeypatch.setattr(_merge_trim, "_tie_mode", lambda s, lo, hi, *sub: (
+        modes.append((bool(tie_mode(s, lo, hi, *sub)), lo == hi)), tie_mode(s, lo, hi, *sub))[1])
     rng = np.random.default_rng(31)
     big = (_merge_trim.EXACT // 256 + 7, 300)
     shapes = {"a": big, "b": big, "small": (33, 5)}
