@@ -1216,7 +1216,7 @@ def _tie_heavy_models(dtype, rng, shapes, k_models):
     return base, models
 
 
-@pytest.mark.parametrize("path", ["host", "device", "staged"])
+@pytest.mark.parametrize("path", ["host", "device", "stacked", "staged"])
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("scope", ["tensor", "model"])
 def test_ties_tie_heavy_exact_and_counted(monkeypatch, path, dtype, scope):
@@ -1227,13 +1227,15 @@ def test_ties_tie_heavy_exact_and_counted(monkeypatch, path, dtype, scope):
     among distinct values; and the tie classes at the bracket's ends are
     counted, not gathered: the entries gathered for the exact selection stay a
     small share of the tensor, as for distinct magnitudes."""
-    if path == "device":  # XLA samples, gathers and recomputes the tie blocks
+    if path in ("device", "stacked"):  # XLA samples, gathers and recomputes the tie blocks
         monkeypatch.setattr(_merge_trim, "_host_views", lambda leaf: None)
     if path == "staged":  # numpy operands labelled chunk by chunk
         monkeypatch.setattr(_merge_stage, "MIN_SIZE", 1024)
         monkeypatch.setattr(_merge_stage, "CHUNK", 1 << 14)
-    gathered, modes = [], []
-    solve, tie_mode = _merge_trim._solve, _merge_trim._tie_mode
+    gathered, modes, found = [], [], []
+    solve, tie_mode, find = _merge_trim._solve, _merge_trim._tie_mode, _merge_trim._find_tie
+    monkeypatch.setattr(_merge_trim, "_find_tie", lambda *a: (
+        found.append(a[-1]), find(*a))[1])
     monkeypatch.setattr(_merge_trim, "_solve", lambda parts, *a: (
         gathered.append((sum(len(p.vals) for p in parts), sum(p.n for p in parts))),
         solve(parts, *a))[1])
@@ -1245,7 +1247,10 @@ def test_ties_tie_heavy_exact_and_counted(monkeypatch, path, dtype, scope):
     base, models = _tie_heavy_models(dtype, rng, shapes, 4)
     # 0.3 and 0.8 sit on class boundaries of the float32 deltas, 0.45 and 0.05 inside.
     dens, w = [0.3, 0.45, 0.8, 0.05], [0.5, 1.0, 2.0, 1.0]
-    got = M.ties(models, base, dens, w, trim=scope)
+    if path == "stacked":  # one [K, ...] array per leaf
+        got = M.ties(_stack(models), base, dens, w, trim=scope, stacked=True)
+    else:
+        got = M.ties(models, base, dens, w, trim=scope)
     ref = _ties_reference(models, base, dens, w, scope=scope)
     exact = np.float32
     for n in shapes:
@@ -1255,5 +1260,6 @@ def test_ties_tie_heavy_exact_and_counted(monkeypatch, path, dtype, scope):
     assert all(tie for tie, _ in modes), modes
     if dtype == np.float32:
         assert {same for _, same in modes} == {True, False}, modes
+    assert found, "no threshold split a tie class at a bracket end"
     big_solves = [(g, n) for g, n in gathered if n > _merge_trim.EXACT]
     assert big_solves and all(g <= n // 50 for g, n in big_solves), big_solves
