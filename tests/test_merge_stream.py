@@ -662,6 +662,8 @@ def test_compile_cache_rerun_compiles_nothing_and_opt_out_writes_nothing(
     `--no-compile-cache` neither reads nor writes the folder. Outputs agree."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("PSM_COMPILE_CACHE", str(cache))
+    settings = (jax.config.jax_compilation_cache_dir,
+                jax.config.jax_persistent_cache_min_compile_time_secs)
     args = ["--models=" + ",".join(hf["dirs"]), f"--base={hf['base_dir']}", "--method=ties",
             "--density=0.3", "--no-progress"]
     jax.clear_caches()
@@ -685,7 +687,8 @@ def test_compile_cache_rerun_compiles_nothing_and_opt_out_writes_nothing(
     assert not off.exists() or not os.listdir(off)
     _assert_same(_load(str(tmp_path / "c")), _load(str(tmp_path / "a")))
     # The settings of the process are restored after each run.
-    assert jax.config.jax_compilation_cache_dir is None
+    assert (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs) == settings
 
 
 def test_compile_cache_that_is_a_file_is_refused(hf, tmp_path):
