@@ -311,6 +311,7 @@ class _Job:
     host: tuple = None      # `_host_views` of a host-resident leaf
     lo: np.ndarray = None   # the brackets, `[K]`
     hi: np.ndarray = None
+    tie: np.ndarray = None  # `_tie_mode` flags, `[K]`
 
 
 def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
@@ -391,7 +392,7 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
                 lo[i], hi[i] = _bracket_uniform(sample[i], n / sample.shape[1], job.ks[i],
                                                 var, nonebits, sub)
                 tie[i] = _tie_mode(sample[i], lo[i], hi[i], sub)
-            job.lo, job.hi = lo, hi
+            job.lo, job.hi, job.tie = lo, hi, tie
             job.pending = _label_dispatch(job.leaf, job.leaf.base, lo, hi, job.todo, tie)
             labelled.append((job, pool.submit(_decode_and_gather, job, k_models, x64,
                                               helper_scratch)))
@@ -440,7 +441,7 @@ def _decode_and_gather(job, k_models, x64: bool, scratch: _Scratch):
     mode (float64 leaves), which is thread-local in JAX. scratch: this (helper)
     thread's `_Scratch`."""
     with jax.enable_x64(x64):
-        job.parts = _label_decode(job.leaf, job.pending, scratch, job.lo, job.hi)
+        job.parts = _label_decode(job.leaf, job.pending, scratch, job.lo, job.hi, job.tie)
         if job.host is None:
             job.pending = _gather_dispatch(job.leaf, job.leaf.base, job.parts, k_models)
         else:  # numpy, on this thread: keeps XLA's queue for the streaming passes
@@ -509,13 +510,19 @@ def _layouts(models, lo, hi, tie) -> list:
     """Label groups of at most 8 bits (one uint8 per scalar): per group a tuple
     of (model, above bit, == hi bit, gathered bit, == lo bit), -1 for none.
 
-    Plain models take 2 bits (above hi; inside [lo, hi]); tie-labelled ones 2
-    when lo == hi (above; == hi) and 4 otherwise (above; == hi; strictly
-    between; == lo). Gathered bits fill the byte from the top, so that
-    `labels >= 1 << (lowest gathered bit)` marks every scalar to gather."""
+    Plain models take 2 bits (above hi; inside [lo, hi]), and so do
+    tie-labelled ones with lo == hi, whose "inside" is then == hi (counted,
+    not gathered: see `_label_args`, `_label_decode`); other tie-labelled
+    ones take 4 (above; == hi; strictly between; == lo), and if one does,
+    every model does (plain ones ignore their == bits), so that a leaf shape
+    compiles at most two label kernels per group size whatever the data. Inside
+    bits fill the byte from the top, so that
+    `labels >= 1 << (lowest inside bit)` marks every scalar to gather when
+    every inside bit is gathered."""
     groups, cur, used = [], [], 0
+    wide = any(tie[i] and lo[i] != hi[i] for i in models)
     for i in models:
-        width = 4 if tie[i] and lo[i] != hi[i] else 2
+        width = 4 if wide else 2
         if used + width > 8:
             groups.append(cur)
             cur, used = [], 0
@@ -527,29 +534,27 @@ def _layouts(models, lo, hi, tie) -> list:
     for group in groups:
         low, top, layout = 0, 8, []
         for i, width in group:
-            above, eq_hi, mid, eq_lo = low, -1, -1, -1
+            above, eq_hi, eq_lo = low, -1, -1
             low += 1
-            if tie[i]:
-                eq_hi, low = low, low + 1
-            if not tie[i] or width == 4:
-                top -= 1
-                mid = top
+            top -= 1
+            mid = top
             if width == 4:
-                eq_lo, low = low, low + 1
+                eq_hi, eq_lo, low = low, low + 1, low + 2
             layout.append((i, above, eq_hi, mid, eq_lo))
         out.append(tuple(layout))
     return out
 
 
 def _label_args(lo, hi, tie):
-    """The code body's arrays (hi, lowest gathered, highest gathered, lo), `[K]`
-    each: the gathered range is [lo, hi] for plain models and [lo + 1, hi - 1]
-    (bit patterns) for tie-labelled ones."""
+    """The code body's arrays (hi, lowest inside, highest inside, lo), `[K]`
+    each: the inside range is [lo, hi] for plain models, [lo + 1, hi - 1]
+    (bit patterns) for tie-labelled ones with lo < hi, and [hi, hi] (the tie
+    class, counted) for tie-labelled ones with lo == hi."""
     lo, hi = np.asarray(lo), np.asarray(hi)
     tie = np.asarray(tie, bool) & (lo < hi)
     mid_lo = np.where(tie, lo + tie.astype(lo.dtype), lo).astype(lo.dtype)
     mid_hi = np.where(tie, hi - tie.astype(hi.dtype), hi).astype(hi.dtype)
-    return hi, mid_lo, mid_hi, lo
+    return hi, mid_lo, mid_hi, lo  # lo == hi: [lo, hi] is [hi, hi] already
 
 
 def _label_dispatch(leaf, base, lo, hi, models, tie=None):
@@ -610,19 +615,28 @@ def sparse_flatnonzero(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([idx, head + np.flatnonzero(mask[head:])])
 
 
-def _label_decode(leaf, pending, scratch: _Scratch | None = None, lo=None, hi=None) -> dict:
+def _label_decode(leaf, pending, scratch: _Scratch | None = None, lo=None, hi=None,
+                  tie=None) -> dict:
     """Exact bracket counts: model i -> _Part (counts, flat indices to gather).
-    scratch: the calling thread's `_Scratch` for the temporaries. lo, hi: the
-    brackets (`[K]`), needed by tie-labelled models."""
+    scratch: the calling thread's `_Scratch` for the temporaries. lo, hi, tie:
+    the brackets and `_tie_mode` flags (`[K]`), needed by tie-labelled models."""
     scratch = scratch or _Scratch()
     parts = {}
     for layout, packed in pending:
         packed = _labels(leaf, packed)
         bits = scratch.get("bits", packed.size, np.uint8)
-        mids = [mid for _, _, _, mid, _ in layout if mid >= 0]
-        if mids:
-            inside_any = sparse_flatnonzero(np.greater_equal(
-                packed, np.uint8(1 << min(mids)), out=scratch.get("inside", packed.size, bool)))
+        # Models with lo == hi are tie-labelled (`_tie_mode`): their inside bit
+        # marks the tie class == hi, which is counted, not gathered.
+        counted = {i for i, *_ in layout if lo is not None and lo[i] == hi[i]}
+        gathered = [mid for i, _, _, mid, _ in layout if i not in counted]
+        inside = scratch.get("inside", packed.size, bool)
+        if len(gathered) == len(layout):  # the inside bits are the top ones
+            np.greater_equal(packed, np.uint8(1 << min(gathered)), out=inside)
+        elif gathered:
+            mask = np.uint8(sum(1 << mid for mid in gathered))
+            np.not_equal(np.bitwise_and(packed, mask, out=bits), 0, out=inside)
+        if gathered:
+            inside_any = sparse_flatnonzero(inside)
             sub = np.take(packed, inside_any)
         for i, above, eq_hi, mid, eq_lo in layout:
             # count_nonzero of uint8 is vectorised: ~2x faster than popcounts of
@@ -631,10 +645,14 @@ def _label_decode(leaf, pending, scratch: _Scratch | None = None, lo=None, hi=No
                 np.bitwise_and(packed, np.uint8(1 << above), out=bits))))
             # np.compress with a bool condition is ~4x faster than boolean
             # indexing (and than np.compress with an integer condition).
-            part.idx = (np.compress((sub & np.uint8(1 << mid)) != 0, inside_any) if mid >= 0
-                        else np.zeros(0, np.intp))
-            if eq_hi >= 0:
-                _count_ends(part, leaf, i, packed, bits, lo[i], hi[i], eq_hi, eq_lo)
+            if i in counted:  # the class == hi (the inside bit, or == hi if labelled)
+                part.idx = np.zeros(0, np.intp)
+                _count_ends(part, leaf, i, packed, bits, lo[i], hi[i],
+                            eq_hi if eq_hi >= 0 else mid, -1)
+            else:
+                part.idx = np.compress((sub & np.uint8(1 << mid)) != 0, inside_any)
+                if eq_hi >= 0 and tie is not None and tie[i]:
+                    _count_ends(part, leaf, i, packed, bits, lo[i], hi[i], eq_hi, eq_lo)
             parts[i] = part
     return parts
 
@@ -801,7 +819,7 @@ def _whole_model_search(leaves, order, rank, ks, todo, tbits, cuts, utype, noneb
     for j in order:
         leaf = leaves[j]
         if j in big:
-            leaf_parts[j] = _label_decode(leaf, labels.pop(j), scratch, lo, hi)
+            leaf_parts[j] = _label_decode(leaf, labels.pop(j), scratch, lo, hi, tie)
             gathers[j] = _gather_dispatch(leaf, leaf.base, leaf_parts[j], k_models)
         else:
             leaf_parts[j] = {i: _small_part(samples[j][i], lo[i], hi[i], tie[i])
