@@ -1236,6 +1236,9 @@ def test_ties_tie_heavy_exact_and_counted(monkeypatch, path, dtype, scope):
     solve, tie_mode, find = _merge_trim._solve, _merge_trim._tie_mode, _merge_trim._find_tie
     monkeypatch.setattr(_merge_trim, "_find_tie", lambda *a: (
         found.append(a[-1]), find(*a))[1])
+    layouts, make_layouts = set(), _merge_trim._layouts
+    monkeypatch.setattr(_merge_trim, "_layouts", lambda *a: (
+        lambda out: (layouts.update(out), out)[1])(make_layouts(*a)))
     monkeypatch.setattr(_merge_trim, "_solve", lambda parts, *a: (
         gathered.append((sum(len(p.vals) for p in parts), sum(p.n for p in parts))),
         solve(parts, *a))[1])
@@ -1261,5 +1264,11 @@ def test_ties_tie_heavy_exact_and_counted(monkeypatch, path, dtype, scope):
     if dtype == np.float32:
         assert {same for _, same in modes} == {True, False}, modes
     assert found, "no threshold split a tie class at a bracket end"
+    # The label layouts (static arguments of the label kernels) do not depend
+    # on the data beyond plain / wide: one group of 2-bit labels, or two of 4-bit.
+    lo, hi = np.zeros(4, np.uint32), np.ones(4, np.uint32)
+    canonical = set(make_layouts(range(4), lo, hi, [False] * 4))
+    canonical |= set(make_layouts(range(4), lo, hi, [True] * 4))
+    assert len(canonical) == 3 and layouts <= canonical, layouts
     big_solves = [(g, n) for g, n in gathered if n > _merge_trim.EXACT]
     assert big_solves and all(g <= n // 50 for g, n in big_solves), big_solves
