@@ -29,6 +29,15 @@ process would recycle.
     python benchmarks/bench_merge.py                 # K = 4 x 50M params, 16 leaves
     python benchmarks/bench_merge.py --params=5e6    # quick smoke run
     python benchmarks/bench_merge.py --numpy-inputs  # + rows for numpy input trees
+    python benchmarks/bench_merge.py --params=5e6 --tie-densities=0.2,0.5,0.8
+
+Tie-heavy rows: TIES on task vectors whose entries share few magnitudes, where
+whole classes of entries tie with the trim threshold: `ties tie-heavy` (float32
+deltas from {0, +-1, ..., +-4} x 2^-7 on a base on a 2^-10 grid: five exact
+magnitudes, as quantised deltas) and `ties bf16` (bfloat16 models and base:
+Gaussian deltas rounded to the base's spacing, a few dozen magnitudes), next to
+`average bf16`, the reference for the bfloat16 row (`x avg` of the bf16 rows is
+relative to `average bf16`).
 """
 
 from __future__ import annotations
@@ -133,6 +142,30 @@ def _make_models(n_params: int, n_leaves: int, k: int, unchanged: float):
     return base, models
 
 
+def _tie_heavy_models(base: dict, models: list, unchanged: float):
+    """The float32 models with quantised deltas: base on a 2^-10 grid, deltas from
+    {0, +-1, ..., +-4} x 2^-7 (exact in float32: five distinct magnitudes), a
+    fraction `unchanged` of them 0."""
+    key = jax.random.key(7)
+    gen = jax.jit(lambda kk, b: b + jnp.where(
+        jax.random.uniform(jax.random.fold_in(kk, 1), b.shape) < unchanged, 0.0,
+        jax.random.randint(kk, b.shape, -4, 5).astype(jnp.float32) * 2.0**-7))
+    qbase = {n: jnp.round(b * 1024) / 1024 for n, b in base.items()}
+    qmodels = [{n: gen(jax.random.fold_in(key, 100 * i + j), qbase[n])
+                for j, n in enumerate(m)} for i, m in enumerate(models)]
+    jax.block_until_ready((qbase, qmodels))
+    return qbase, qmodels
+
+
+def _bf16_models(base: dict, models: list):
+    """bfloat16 copies of the base and the models (Gaussian deltas rounded to the
+    base's bfloat16 spacing: many exact magnitude ties)."""
+    cast = lambda t: {n: x.astype(jnp.bfloat16) for n, x in t.items()}  # noqa: E731
+    out = cast(base), [cast(m) for m in models]
+    jax.block_until_ready(out)
+    return out
+
+
 def _time_once(fn) -> float:
     t0 = time.perf_counter()
     out = fn()
@@ -204,7 +237,11 @@ def main():
                     help="also time average, resampling and TIES on numpy copies of the "
                          "inputs (a separate run: the copies change the process's memory "
                          "state, and with it the other rows)")
+    ap.add_argument("--tie-densities", default="0.2",
+                    help="comma-separated densities of the tie-heavy and bfloat16 TIES rows "
+                         "('' for none)")
     args = ap.parse_args()
+    tie_densities = [float(d) for d in args.tie_densities.split(",") if d.strip()]
     fresh = args.fresh_pages and _fresh_pages_for_large_allocations()
     k, key = args.k, jax.random.key(1)
     base, models = _make_models(int(args.params), args.leaves, k, args.unchanged)
@@ -228,6 +265,20 @@ def main():
         ("dare p=0.5 ties+l1", lambda: M.dare(models, base, 0.5, key=key, rescale="l1",
                                               combine="ties"), k + 1, None),
     ]
+    # Tie-heavy task vectors (see the module doc); no target, compare `x avg`
+    # with the `ties density=0.2` row.
+    bytes_per = {}  # case -> bytes of one model, where not float32
+    if tie_densities:
+        q_base, q_models = _tie_heavy_models(base, models, args.unchanged)
+        h_base, h_models = _bf16_models(base, models)
+        cases.append(("average bf16", lambda: M.average(h_models), k, None))
+        for d in tie_densities:
+            cases += [
+                (f"ties tie-heavy d={d:g}", lambda d=d: M.ties(q_models, q_base, d), k + 1,
+                 None),
+                (f"ties bf16 d={d:g}", lambda d=d: M.ties(h_models, h_base, d), k + 1, None),
+            ]
+        bytes_per = {name: model_bytes // 2 for name, *_ in cases if "bf16" in name}
     if args.numpy_inputs:
         # The same models as numpy arrays, as a checkpoint loader returns them
         # (fresh arrays: not 64-byte aligned, so XLA cannot use them whole in place).
@@ -262,7 +313,7 @@ def main():
     samples = {name: {"method": [], "copyto": [], "alloc": [], "faults": [], "afaults": [],
                       "cores": []}
                for name, *_ in cases}
-    sources = {name: _copy_sources(host_leaves, (n_in + 1) * model_bytes)
+    sources = {name: _copy_sources(host_leaves, (n_in + 1) * bytes_per.get(name, model_bytes))
                for name, _, n_in, _ in cases}
     longest = max(sources.values(), key=len)
     dests = [np.ones_like(x) for x in longest]  # preallocated and touched once
@@ -271,19 +322,25 @@ def main():
     # variants another, so that a variant's memory churn (e.g. the `[2, K, ...]`
     # L1 buffers of DARE l1, which fragment memory and make the next huge-page
     # faults compact memory) does not land on the first target method of a round.
-    groups = [[c for c in cases if c[3] is not None], [c for c in cases if c[3] is None]]
+    # The tie-heavy rows join the first set, so that they interleave with the
+    # distinct-magnitude TIES row they are compared with.
+    tied = [c for c in cases if c[0] in bytes_per or c[0].startswith("ties tie-heavy")]
+    groups = [[c for c in cases if c[3] is not None] + tied,
+              [c for c in cases if c[3] is None and c not in tied]]
     for group in groups:
         for _ in range(args.repeats):
             _round(group, sources, dests, samples)
     med = {name: {k: float(np.median(v)) for k, v in rec.items()} for name, rec in samples.items()}
     t_avg = med["average"]["method"]
+    t_ref = {name: med["average bf16"]["method"] if name in bytes_per else t_avg
+             for name in med}
     print(f"load average before timing: {' '.join(f'{x:.2f}' for x in load_before)}; after: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     print(f"{'method':<21}{'time s':>8}{'GB/s':>7}{'copyto':>8}{'%':>5}{'alloc':>7}{'%':>6}"
           f"{'x avg':>7}{'cores':>6}{'faults':>8}{'+MB':>6}{'target':>8}  ok (copyto / alloc)")
     for name, _, n_in, target in cases:
         m = med[name]
-        nbytes = (n_in + 1) * model_bytes
+        nbytes = (n_in + 1) * bytes_per.get(name, model_bytes)
         bw = nbytes / m["method"]
         bw_copyto, bw_alloc = nbytes / m["copyto"], nbytes / m["alloc"]
         share, share_alloc = bw / bw_copyto, bw / bw_alloc
@@ -297,7 +354,7 @@ def main():
             ok += f"; {'yes' if m['method'] / t_avg <= 1.2 else 'NO'} (<= 1.2x avg)"
         print(f"{name:<21}{m['method']:>8.4f}{bw / 1e9:>7.2f}{bw_copyto / 1e9:>8.2f}"
               f"{100 * share:>4.0f}%{bw_alloc / 1e9:>7.2f}{100 * share_alloc:>5.0f}%"
-              f"{m['method'] / t_avg:>7.2f}{m['cores']:>6.2f}{m['faults']:>8.0f}"
+              f"{m['method'] / t_ref[name]:>7.2f}{m['cores']:>6.2f}{m['faults']:>8.0f}"
               f"{extra[name]:>6.0f}{tgt:>8}  {ok}")
     afaults = float(np.median([v for rec in samples.values() for v in rec["afaults"]]))
     print(f"Medians of {args.repeats} interleaved rounds. GB/s = (bytes of inputs read + "

@@ -21,6 +21,16 @@ slower for both tools.
     python benchmarks/bench_merge_stream.py --quick          # 2 layers, small vocab
     python benchmarks/bench_merge_stream.py --layers=4 --skip-mergekit
     python benchmarks/bench_merge_stream.py --repeats=3      # fastest of 3 (busy machines)
+    python benchmarks/bench_merge_stream.py --compile-cache=off  # every run compiles
+
+psm's compilation cache: with `--compile-cache=warm` (default) the psm
+commands use a fresh JAX persistent compilation cache in `<workdir>/jax_cache`,
+filled by one untimed run of each command, so the timed runs are reruns on
+checkpoints of a known architecture (the command's default: its cache lives in
+~/.cache/psm/jax); `off` passes `--no-compile-cache`, so every timed run
+compiles its kernels. The cache entries each command wrote (= executables it
+compiled) and the entries added by its timed runs (0: nothing recompiled) are
+printed.
 """
 
 from __future__ import annotations
@@ -190,6 +200,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="2 layers, hidden 256, vocab 8000")
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--compile-cache", choices=("warm", "off"), default="warm",
+                   help="psm runs with a warm persistent compilation cache (default) or none")
     p.add_argument("--repeats", type=int, default=1,
                    help="run every command this many times and report the fastest (the "
                         "machine may be shared: the spread shows the noise)")
@@ -216,8 +228,11 @@ def main(argv=None) -> None:
     outs = os.path.join(work, "out")
     shutil.rmtree(outs, ignore_errors=True)
     os.makedirs(outs)
+    cache_dir = os.path.join(work, "jax_cache")
+    shutil.rmtree(cache_dir, ignore_errors=True)
     py = [sys.executable, "-m", "psm.merge_cli", "--models=" + ",".join(models),
-          "--no-progress"]
+          "--no-progress", ("--no-compile-cache" if args.compile_cache == "off"
+                            else f"--compile-cache={cache_dir}")]
     # The psm commands end with --out=<dir>; best() clears it before every run.
     runs = [("linear", py + ["--method=average", f"--out={outs}/psm_linear"]),
             ("ties", py + ["--method=ties", f"--base={base}", f"--density={args.density}",
@@ -235,8 +250,19 @@ def main(argv=None) -> None:
                          + ", ".join(f"{w:.2f}" for w, _ in samples))
         return min(samples)
 
+    def entries():
+        return len(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else 0
+
     for label, cmd in runs:
+        if args.compile_cache == "warm":  # one untimed run fills the cache
+            shutil.rmtree(cmd[-1].split("=", 1)[1], ignore_errors=True)
+            before = entries()
+            timed(cmd, env)
+            filled = entries()
         rows[label] = {"psm": best(cmd, cmd[-1].split("=", 1)[1])}
+        if args.compile_cache == "warm":
+            notes.append(f"psm {label}: {filled - before} executables compiled and cached by "
+                         f"the first run, {entries() - filled} more by the timed runs")
     exe = shutil.which("mergekit-yaml") or os.path.join(os.path.dirname(sys.executable),
                                                          "mergekit-yaml")
     if not args.skip_mergekit and os.path.exists(exe):
@@ -279,7 +305,8 @@ def main(argv=None) -> None:
     for note in notes:
         print(note)
     print("\nwall time: process start to exit (imports included), the fastest of "
-          f"{args.repeats} run(s); RSS: peak resident set of that run's process (os.wait4). "
+          f"{args.repeats} run(s); psm compilation cache: {args.compile_cache}; "
+          "RSS: peak resident set of that run's process (os.wait4). "
           "targets: time ratio <= 0.33 (linear), <= 0.1 (ties); "
           "RSS ratio <= 0.5; max|psm-mk| <= 1e-6 for linear.")
 

@@ -382,20 +382,26 @@ def _dare_body(xs, base, ctr, seeds, drop_thr, factors, weights, scale, *, combi
     return out.astype(dtype)
 
 
-def _code_body(xs, base, ctr, lo, hi, *, models):
-    """Bracket labels of up to 4 models packed in one uint8 per scalar.
+def _code_body(xs, base, ctr, hi, mid_lo, mid_hi, lo, *, models):
+    """Bracket labels of several models packed in one uint8 per scalar.
 
-    For the g-th model i of `models`: bit g is set where bits_i > hi_i (above
-    the bracket) and bit 4 + g where lo_i <= bits_i <= hi_i (inside).
+    models: per model (i, above bit, == hi bit, inside bit, == lo bit), -1 for a
+    label not wanted (see `_merge_trim._layouts`). With u = model i's magnitude
+    bits, the labels are u > hi_i, u == hi_i, mid_lo_i <= u <= mid_hi_i and
+    u == lo_i.
     """
     del ctr
     ct = compute_dtype(xs[0].dtype)
     out = None
-    for g, i in enumerate(models):
+    for i, above, eq_hi, mid, eq_lo in models:
         u = magnitude_bits(xs[i], base, ct)
-        above = (u > hi[i]).astype(jnp.uint8) << g
-        inside = ((u >= lo[i]) & (u <= hi[i])).astype(jnp.uint8) << (4 + g)
-        code = above | inside
+        code = (u > hi[i]).astype(jnp.uint8) << above
+        if eq_hi >= 0:
+            code = code | ((u == hi[i]).astype(jnp.uint8) << eq_hi)
+        if mid >= 0:
+            code = code | (((u >= mid_lo[i]) & (u <= mid_hi[i])).astype(jnp.uint8) << mid)
+        if eq_lo >= 0:
+            code = code | ((u == lo[i]).astype(jnp.uint8) << eq_lo)
         out = code if out is None else out | code
     return out
 
@@ -592,8 +598,8 @@ def full_bits_kernel(inputs, base, *, stacked):
 
 
 @partial(jax.jit, static_argnames=("stacked", "models"))
-def code_kernel(inputs, base, lo, hi, *, stacked, models):
-    """Bracket labels of up to 4 models packed in one uint8 per scalar, `shape`
+def code_kernel(inputs, base, hi, mid_lo, mid_hi, lo, *, stacked, models):
+    """Bracket labels of several models packed in one uint8 per scalar, `shape`
     (see `_code_body`)."""
     xs = _unstack(inputs, stacked)
-    return _code_body(xs, like(base, xs[0]), None, lo, hi, models=models)
+    return _code_body(xs, like(base, xs[0]), None, hi, mid_lo, mid_hi, lo, models=models)

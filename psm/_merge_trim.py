@@ -22,6 +22,16 @@ the sample and gathers the inside values, reading the arrays in place: both are
 bound by memory latency, and XLA keeps its threads busy waiting where numpy
 uses one; sharded or accelerator leaves use XLA kernels for both (same bits).
 
+Tie classes. Where many entries share a magnitude (bfloat16 or quantised
+deltas, the zero deltas at low thresholds) the sample shows it: lo == hi, or
+many sampled values equal lo or hi (`_tie_mode`). Such a model's labels then
+separate the entries equal to hi and to lo from those strictly between
+(`_layouts`); the host counts the two end classes (per block of >= 2^16
+scalars) instead of gathering, partitioning and sorting what may be millions of
+equal values, and where the threshold is an end value it finds the position of
+the last kept tie from the block counts and one recomputed block (`_find_tie`).
+What is gathered stays about as small as for distinct magnitudes.
+
 If the bracket misses (a check on the exact counts), the group falls back to a
 full host-side `np.partition`, so the result is always exact. Magnitudes are
 compared as the bit patterns of non-negative floats (same order as the values).
@@ -107,12 +117,26 @@ def _bucket(m: int) -> int:
 
 @dataclasses.dataclass
 class _Part:
-    """What one tensor contributes to one model's search."""
+    """What one tensor contributes to one model's search.
+
+    Plain labelling: `above` counts the entries > hi and idx / vals hold every
+    entry in [lo, hi]. Tie labelling (`_tie_mode`: the sample shows many entries
+    equal to lo or hi, e.g. bfloat16 or quantised deltas): the entries equal to
+    hi and to lo are only counted (`n_hi`, `n_lo`), never gathered, and idx /
+    vals hold the entries strictly between; `find(value, r)` then gives the
+    flat index of the r-th (0-based, ascending) entry whose bits equal `value`
+    (hi or lo), for the tie-break by position.
+    """
 
     n: int
     above: int = 0            # entries with bits > hi
-    idx: np.ndarray = None    # flat indices of entries in [lo, hi], ascending
+    idx: np.ndarray = None    # flat indices of the gathered entries, ascending
     vals: np.ndarray = None   # their bits
+    n_hi: int = 0             # tie labelling: entries with bits == hi
+    n_lo: int = 0             # tie labelling: entries with bits == lo (lo < hi)
+    hi: object = None         # tie labelling: the bracket's ends (utype)
+    lo: object = None
+    find: object = None       # tie labelling: callable(value, r) -> flat index
 
 
 def _sample_variance(vals, n, k, block, sub=None):
@@ -168,6 +192,10 @@ def _order_stats_sorted(vals, ranks, sub):
     a = sub[max(0, ranks[0] // STRIDE - pad)]
     b = sub[min(len(sub) - 1, ranks[-1] // STRIDE + pad)]
     below = int(np.count_nonzero(vals < a))
+    if a == b:  # one value fills the bracket (ties): no partition of a tie class
+        if below <= ranks[0] <= ranks[-1] < below + int(np.count_nonzero(vals == a)):
+            return np.full(len(ranks), a, vals.dtype)
+        return np.partition(vals, ranks)[ranks]
     mid = np.compress((vals >= a) & (vals <= b), vals)
     if not below <= ranks[0] <= ranks[-1] < below + len(mid):
         return np.partition(vals, ranks)[ranks]
@@ -191,12 +219,25 @@ def _bracket(vals, weights, k, var, nonebits):
 def _solve(parts, ranks, k, utype):
     """Exact (t, cuts) from the parts of one model, or None if the bracket missed.
 
-    ranks: the tie-break rank of each part (sorted-name order).
+    ranks: the tie-break rank of each part (sorted-name order). The parts are
+    all plain or all tie-labelled (see `_Part`): counted from the top, the
+    entries are `above`, then `n_hi` (== hi), the gathered `vals`, then `n_lo`
+    (== lo).
     """
     above = sum(p.above for p in parts)
+    n_hi = sum(p.n_hi for p in parts)
     inside = sum(len(p.vals) for p in parts)
-    if not above < k <= above + inside:
+    n_lo = sum(p.n_lo for p in parts)
+    if not above < k <= above + n_hi + inside + n_lo:
         return None
+    if k <= above + n_hi:  # the threshold is hi, shared by n_hi entries
+        t = parts[0].hi
+        return utype.type(t), _endpoint_cuts(parts, ranks, "n_hi", t, k - above, n_hi)
+    above += n_hi
+    if k > above + inside:  # the threshold is lo
+        t = parts[0].lo
+        return utype.type(t), _endpoint_cuts(parts, ranks, "n_lo", t, k - above - inside,
+                                             n_lo)
     vals = np.concatenate([p.vals for p in parts])
     r = k - above
     t = np.partition(vals, len(vals) - r)[len(vals) - r]
@@ -212,14 +253,31 @@ def _solve(parts, ranks, k, utype):
     if len(tie_idx) > need:
         order = np.lexsort((tie_idx, tie_rank))
         last = order[need - 1]
-        for j, rank in enumerate(ranks):
-            if rank < tie_rank[last]:
-                cuts[j] = CUT_ALL
-            elif rank == tie_rank[last]:
-                cuts[j] = np.uint32(tie_idx[last] + 1)
-            else:
-                cuts[j] = np.uint32(0)
+        cuts = _cuts_at(ranks, int(tie_rank[last]), int(tie_idx[last]))
     return utype.type(t), cuts
+
+
+def _cuts_at(ranks, rank, index):
+    """Cuts keeping the ties up to flat index `index` of the part ranked `rank`:
+    every tie of the parts ranked before it, none of those after."""
+    return [CUT_ALL if r < rank else np.uint32(index + 1) if r == rank else np.uint32(0)
+            for r in ranks]
+
+
+def _endpoint_cuts(parts, ranks, count, t, need, total):
+    """Cuts keeping the first `need` of the `total` entries whose bits equal the
+    bracket end t (hi or lo; `count` names the part field counting them), in
+    (rank, flat index) order. Only the part holding the last kept one is
+    searched (`_Part.find`), so a tie class of millions costs no gather or sort."""
+    if need == total:
+        return [CUT_ALL] * len(parts)
+    before = 0
+    for j in np.argsort(ranks, kind="stable"):
+        c = getattr(parts[j], count)
+        if before + c >= need:
+            return _cuts_at(ranks, ranks[j], parts[j].find(t, need - before - 1))
+        before += c
+    raise AssertionError("tie counts do not add up")  # unreachable: need < total
 
 
 def _solve_full(bits_list, ranks, k, utype):
@@ -251,6 +309,9 @@ class _Job:
     pending: object = None  # the device result the next stage waits for
     parts: dict = None
     host: tuple = None      # `_host_views` of a host-resident leaf
+    lo: np.ndarray = None   # the brackets, `[K]`
+    hi: np.ndarray = None
+    tie: np.ndarray = None  # `_tie_mode` flags, `[K]`
 
 
 def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
@@ -324,12 +385,15 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
             nonebits = np.iinfo(job.utype).max
             lo = np.zeros(k_models, job.utype)
             hi = np.full(k_models, nonebits, job.utype)
+            tie = np.zeros(k_models, bool)
             for i in job.todo:
                 sub = np.sort(sample[i, ::STRIDE])
                 var = _sample_variance(sample[i], n, job.ks[i], BLOCK, sub)
                 lo[i], hi[i] = _bracket_uniform(sample[i], n / sample.shape[1], job.ks[i],
                                                 var, nonebits, sub)
-            job.pending = _label_dispatch(job.leaf, job.leaf.base, lo, hi, job.todo)
+                tie[i] = _tie_mode(sample[i], lo[i], hi[i], sub)
+            job.lo, job.hi, job.tie = lo, hi, tie
+            job.pending = _label_dispatch(job.leaf, job.leaf.base, lo, hi, job.todo, tie)
             labelled.append((job, pool.submit(_decode_and_gather, job, k_models, x64,
                                               helper_scratch)))
             while labelled and labelled[0][1].done():
@@ -377,7 +441,7 @@ def _decode_and_gather(job, k_models, x64: bool, scratch: _Scratch):
     mode (float64 leaves), which is thread-local in JAX. scratch: this (helper)
     thread's `_Scratch`."""
     with jax.enable_x64(x64):
-        job.parts = _label_decode(job.leaf, job.pending, scratch)
+        job.parts = _label_decode(job.leaf, job.pending, scratch, job.lo, job.hi, job.tie)
         if job.host is None:
             job.pending = _gather_dispatch(job.leaf, job.leaf.base, job.parts, k_models)
         else:  # numpy, on this thread: keeps XLA's queue for the streaming passes
@@ -418,18 +482,95 @@ def _solve_job_exact(job):
         job.tbits[i], (job.cuts[i],) = _solve_full([bits[i]], [0], job.ks[i], job.utype)
 
 
-def _label_dispatch(leaf, base, lo, hi, models):
-    """Starts the labelling passes of one leaf: [(group, packed labels)], the
-    labels a uint8 array, or [(start, uint8 chunk)] for host leaves with numpy
-    operands (labelled chunk by chunk, so that XLA reads the numpy memory in
-    place rather than copying every operand: see `_merge_stage`)."""
+def _tie_mode(sample, lo, hi, sub=None) -> bool:
+    """Whether a model's bracket [lo, hi] should be tie-labelled (see `_Part`):
+    when lo == hi (the sample puts one value on both ends: a tie class wider
+    than the bracket), or when at least a quarter of the sampled entries in the
+    bracket (and 8 or more) equal lo or hi. Such classes (bfloat16 or quantised
+    deltas, or the zero deltas at low thresholds) would otherwise be gathered
+    and sorted entry by entry; counted instead, they cost two bits per scalar.
+    A wrong guess costs time, never exactness.
+
+    sub: the sorted sub-sample `np.sort(sample[::STRIDE])`, if at hand; it is
+    then read instead of the sample (four binary searches rather than passes
+    over the sample), with 2 or more entries on the ends."""
+    if lo == hi:
+        return True
+    if sub is not None:
+        left = np.searchsorted(sub, [lo, hi], side="left")
+        right = np.searchsorted(sub, [lo, hi], side="right")
+        ends = int((right - left).sum())
+        return ends >= 2 and 4 * ends >= int(right[1] - left[0])
+    ends = int(np.count_nonzero(sample == lo)) + int(np.count_nonzero(sample == hi))
+    inside = int(np.count_nonzero((sample >= lo) & (sample <= hi)))
+    return ends >= 8 and 4 * ends >= inside
+
+
+def _layouts(models, lo, hi, tie) -> list:
+    """Label groups of at most 8 bits (one uint8 per scalar): per group a tuple
+    of (model, above bit, == hi bit, gathered bit, == lo bit), -1 for none.
+
+    Plain models take 2 bits (above hi; inside [lo, hi]), and so do
+    tie-labelled ones with lo == hi, whose "inside" is then == hi (counted,
+    not gathered: see `_label_args`, `_label_decode`); other tie-labelled
+    ones take 4 (above; == hi; strictly between; == lo), and if one does,
+    every model does (plain ones ignore their == bits), so that a leaf shape
+    compiles at most two label kernels per group size whatever the data. Inside
+    bits fill the byte from the top, so that
+    `labels >= 1 << (lowest inside bit)` marks every scalar to gather when
+    every inside bit is gathered."""
+    groups, cur, used = [], [], 0
+    wide = any(tie[i] and lo[i] != hi[i] for i in models)
+    for i in models:
+        width = 4 if wide else 2
+        if used + width > 8:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append((int(i), width))
+        used += width
+    if cur:
+        groups.append(cur)
+    out = []
+    for group in groups:
+        low, top, layout = 0, 8, []
+        for i, width in group:
+            above, eq_hi, eq_lo = low, -1, -1
+            low += 1
+            top -= 1
+            mid = top
+            if width == 4:
+                eq_hi, eq_lo, low = low, low + 1, low + 2
+            layout.append((i, above, eq_hi, mid, eq_lo))
+        out.append(tuple(layout))
+    return out
+
+
+def _label_args(lo, hi, tie):
+    """The code body's arrays (hi, lowest inside, highest inside, lo), `[K]`
+    each: the inside range is [lo, hi] for plain models, [lo + 1, hi - 1]
+    (bit patterns) for tie-labelled ones with lo < hi, and [hi, hi] (the tie
+    class, counted) for tie-labelled ones with lo == hi."""
+    lo, hi = np.asarray(lo), np.asarray(hi)
+    tie = np.asarray(tie, bool) & (lo < hi)
+    mid_lo = np.where(tie, lo + tie.astype(lo.dtype), lo).astype(lo.dtype)
+    mid_hi = np.where(tie, hi - tie.astype(hi.dtype), hi).astype(hi.dtype)
+    return hi, mid_lo, mid_hi, lo  # lo == hi: [lo, hi] is [hi, hi] already
+
+
+def _label_dispatch(leaf, base, lo, hi, models, tie=None):
+    """Starts the labelling passes of one leaf: [(layout, packed labels)] (see
+    `_layouts`), the labels a uint8 array, or [(start, uint8 chunk)] for host
+    leaves with numpy operands (labelled chunk by chunk, so that XLA reads the
+    numpy memory in place rather than copying every operand: see
+    `_merge_stage`). tie: `[K]` bools (`_tie_mode`), default all False."""
+    tie = np.zeros(len(lo), bool) if tie is None else np.asarray(tie, bool)
+    args = _label_args(lo, hi, tie)
     views = _merge_stage.numpy_views(leaf, base) if _merge_stage.accepts(leaf) else None
     out = []
-    for first in range(0, len(models), 4):
-        group = tuple(int(i) for i in models[first:first + 4])
+    for layout in _layouts(models, lo, hi, tie):
         if views is None:
-            out.append((group, K.code_kernel(leaf.inputs, base, lo, hi,
-                                             stacked=leaf.xs is None, models=group)))
+            out.append((layout, K.code_kernel(leaf.inputs, base, *args,
+                                              stacked=leaf.xs is None, models=layout)))
             continue
         chunks, device = [], _merge_stage.host_device(leaf.arrays[0])
         for start, size in _merge_stage.chunk_grid(leaf.size, views):
@@ -437,9 +578,9 @@ def _label_dispatch(leaf, base, lo, hi, models):
             stage = jnp.zeros(size, jnp.uint8, device=device)  # commits the kernel to it
             chunks.append((start, K.chunk_kernel(
                 stage, tuple(ops[:-1]), ops[-1], np.int32(start),
-                np.uint32(0), (lo, hi), body="code", stacked=False, chunk=size,
-                static=(("models", group),), sliced=True)))
-        out.append((group, chunks))
+                np.uint32(0), args, body="code", stacked=False, chunk=size,
+                static=(("models", layout),), sliced=True)))
+        out.append((layout, chunks))
     return out
 
 
@@ -474,27 +615,112 @@ def sparse_flatnonzero(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([idx, head + np.flatnonzero(mask[head:])])
 
 
-def _label_decode(leaf, pending, scratch: _Scratch | None = None) -> dict:
-    """Exact bracket counts: model i -> _Part (count above, flat indices inside).
-    scratch: the calling thread's `_Scratch` for the temporaries."""
+def _label_decode(leaf, pending, scratch: _Scratch | None = None, lo=None, hi=None,
+                  tie=None) -> dict:
+    """Exact bracket counts: model i -> _Part (counts, flat indices to gather).
+    scratch: the calling thread's `_Scratch` for the temporaries. lo, hi, tie:
+    the brackets and `_tie_mode` flags (`[K]`), needed by tie-labelled models."""
     scratch = scratch or _Scratch()
     parts = {}
-    for group, packed in pending:
+    for layout, packed in pending:
         packed = _labels(leaf, packed)
         bits = scratch.get("bits", packed.size, np.uint8)
-        inside_any = sparse_flatnonzero(np.greater_equal(
-            packed, np.uint8(16), out=scratch.get("inside", packed.size, bool)))
-        sub = np.take(packed, inside_any)
-        for g, i in enumerate(group):
+        # Models with lo == hi are tie-labelled (`_tie_mode`): their inside bit
+        # marks the tie class == hi, which is counted, not gathered.
+        counted = {i for i, *_ in layout if lo is not None and lo[i] == hi[i]}
+        gathered = [mid for i, _, _, mid, _ in layout if i not in counted]
+        inside = scratch.get("inside", packed.size, bool)
+        if len(gathered) == len(layout):  # the inside bits are the top ones
+            np.greater_equal(packed, np.uint8(1 << min(gathered)), out=inside)
+        elif gathered:
+            mask = np.uint8(sum(1 << mid for mid in gathered))
+            np.not_equal(np.bitwise_and(packed, mask, out=bits), 0, out=inside)
+        if gathered:
+            inside_any = sparse_flatnonzero(inside)
+            sub = np.take(packed, inside_any)
+        for i, above, eq_hi, mid, eq_lo in layout:
             # count_nonzero of uint8 is vectorised: ~2x faster than popcounts of
             # masked uint64 words.
-            above = int(np.count_nonzero(np.bitwise_and(packed, np.uint8(1 << g),
-                                                        out=bits)))
+            part = _Part(n=leaf.size, above=int(np.count_nonzero(
+                np.bitwise_and(packed, np.uint8(1 << above), out=bits))))
             # np.compress with a bool condition is ~4x faster than boolean
             # indexing (and than np.compress with an integer condition).
-            parts[i] = _Part(n=leaf.size, above=above,
-                             idx=np.compress((sub & np.uint8(16 << g)) != 0, inside_any))
+            if i in counted:  # the class == hi (the inside bit, or == hi if labelled)
+                part.idx = np.zeros(0, np.intp)
+                _count_ends(part, leaf, i, packed, bits, lo[i], hi[i],
+                            eq_hi if eq_hi >= 0 else mid, -1)
+            else:
+                part.idx = np.compress((sub & np.uint8(1 << mid)) != 0, inside_any)
+                if eq_hi >= 0 and tie is not None and tie[i]:
+                    _count_ends(part, leaf, i, packed, bits, lo[i], hi[i], eq_hi, eq_lo)
+            parts[i] = part
     return parts
+
+
+def _count_ends(part, leaf, i, packed, bits, lo, hi, eq_hi, eq_lo):
+    """Sets a tie-labelled part's end counts and its `find`, from per-block
+    counts of the == hi and == lo labels (blocks of >= 2^16 scalars, at most
+    ~128 of them): finding the r-th tie later recomputes one block's magnitudes."""
+    n = packed.size
+    block = max(1 << 16, -(-n // 128))
+    counts = {}
+    for value, bit in ((hi, eq_hi), (lo, eq_lo)):
+        if bit < 0:
+            continue
+        c = np.empty(-(-n // block), np.int64)
+        for b, start in enumerate(range(0, n, block)):
+            piece = bits[start:start + block]
+            c[b] = np.count_nonzero(np.bitwise_and(packed[start:start + block],
+                                                   np.uint8(1 << bit), out=piece))
+        counts[int(value)] = c
+    part.hi, part.lo = hi, lo
+    part.n_hi = int(counts[int(hi)].sum())
+    part.n_lo = int(counts[int(lo)].sum()) if eq_lo >= 0 else 0
+    part.find = functools.partial(_find_tie, leaf, i, counts, block)
+
+
+def _find_tie(leaf, i, counts, block, value, r) -> int:
+    """Flat index of the r-th (0-based) entry of model i whose magnitude bits
+    equal `value`, from the per-block counts of such entries."""
+    c = counts[int(value)]
+    b = int(np.searchsorted(np.cumsum(c), r + 1))  # first block reaching r + 1
+    r -= int(c[:b].sum())
+    start, stop = b * block, min(leaf.size, (b + 1) * block)
+    bits = _range_bits(leaf, i, start, stop)
+    return start + int(np.flatnonzero(bits == value)[r])
+
+
+def _range_bits(leaf, i, start, stop) -> np.ndarray:
+    """Magnitude bits of model i at flat positions [start, stop) (numpy for
+    host-resident leaves, else the gather kernel: the same bits)."""
+    host = _host_views(leaf)
+    if host is not None:
+        xs, base, ct = host
+        v = xs[i][start:stop].astype(ct)
+        np.subtract(v, base[start:stop].astype(ct, copy=False), out=v)
+        return np.abs(v, out=v).view(K.uint_for(ct))
+    k_models = leaf.stacked.shape[0] if leaf.xs is None else len(leaf.xs)
+    pos = np.zeros((k_models, stop - start), np.int32)
+    pos[i] = np.arange(start, stop, dtype=np.int32)
+    with _merge_stage.x64_if_needed(leaf.dtype):
+        return np.asarray(K.gather_bits_kernel(leaf.inputs, leaf.base, pos,
+                                               stacked=leaf.xs is None))[i]
+
+
+def _small_part(b, lo, hi, tie) -> _Part:
+    """The _Part of a leaf whose complete magnitude bits b are on the host."""
+    part = _Part(n=len(b), above=int(np.count_nonzero(b > hi)))
+    if tie:
+        mid_lo, mid_hi = (lo + 1, hi - 1) if lo < hi else (hi + 1, hi)  # (empty if lo == hi)
+        part.hi, part.lo = hi, lo
+        part.n_hi = int(np.count_nonzero(b == hi))
+        part.n_lo = int(np.count_nonzero(b == lo)) if lo < hi else 0
+        part.find = lambda value, r: int(np.flatnonzero(b == value)[r])
+    else:
+        mid_lo, mid_hi = lo, hi
+    part.idx = np.flatnonzero((b >= mid_lo) & (b <= mid_hi))
+    part.vals = b[part.idx]
+    return part
 
 
 def _gather_dispatch(leaf, base, parts, k_models):
@@ -578,28 +804,26 @@ def _whole_model_search(leaves, order, rank, ks, todo, tbits, cuts, utype, noneb
         samples[j] = np.asarray(bits)
     lo = np.zeros(k_models, utype)
     hi = np.full(k_models, nonebits, utype)
+    tie = np.zeros(k_models, bool)
     wgt = np.concatenate([weights[j] for j in order])
     for i in todo:
         q = ks[i] / n_total
         vals = np.concatenate([samples[j][i] for j in order])
         lo[i], hi[i] = _bracket(vals, wgt, ks[i], var_unit * q * (1 - q), nonebits)
+        tie[i] = _tie_mode(vals, lo[i], hi[i])
     # Pass 2: labels (device passes for big leaves, dispatched together so host
     # decoding overlaps them; host labelling for small ones).
-    labels = {j: _label_dispatch(leaves[j], leaves[j].base, lo, hi, todo) for j in order
+    labels = {j: _label_dispatch(leaves[j], leaves[j].base, lo, hi, todo, tie) for j in order
               if j in big}
     leaf_parts, gathers, scratch = {}, {}, _Scratch()
     for j in order:
         leaf = leaves[j]
         if j in big:
-            leaf_parts[j] = _label_decode(leaf, labels.pop(j), scratch)
+            leaf_parts[j] = _label_decode(leaf, labels.pop(j), scratch, lo, hi, tie)
             gathers[j] = _gather_dispatch(leaf, leaf.base, leaf_parts[j], k_models)
         else:
-            leaf_parts[j] = {}
-            for i in todo:
-                b = samples[j][i]
-                idx = np.flatnonzero((b >= lo[i]) & (b <= hi[i]))
-                leaf_parts[j][i] = _Part(n=leaf.size, above=int(np.count_nonzero(b > hi[i])),
-                                         idx=idx, vals=b[idx])
+            leaf_parts[j] = {i: _small_part(samples[j][i], lo[i], hi[i], tie[i])
+                             for i in todo}
     for j, pending in gathers.items():
         _gather_fill(leaf_parts[j], pending, utype)
     parts = {i: [leaf_parts[j][i] for j in order] for i in todo}

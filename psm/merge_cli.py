@@ -26,7 +26,7 @@ from psm import cli, merge_stream
 
 _DEFAULTS = {"method": None, "models": None, "base": None, "out": None, "seed": 0,
              "format": "safetensors", "dtype": None, "shard_size": "5GB", "overwrite": False,
-             "progress": True}
+             "progress": True, "compile_cache": None}
 _OPTIONS = ("weights", "probs", "resample", "tolerance", "density", "drop_rate", "scale",
             "rescale", "combine", "normalize", "allow_nonfinite")
 
@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--overwrite", nargs="?", const=True, type=_bool, help="replace an existing --out")
     add("--progress", nargs="?", const=True, type=_bool, help="show a progress bar (default on)")
     add("--no-progress", dest="progress", action="store_false", default=None)
+    add("--compile-cache", "--compile_cache", dest="compile_cache",
+        help="folder of JAX's persistent compilation cache (default $PSM_COMPILE_CACHE, else "
+             "~/.cache/psm/jax); empty for none")
+    add("--no-compile-cache", "--no_compile_cache", dest="compile_cache", action="store_const",
+        const="", help="compile without the persistent cache (nothing is written to it)")
     add("--weights", type=_floats, help="K weights, comma-separated")
     add("--probs", type=_floats, help="select: K probabilities")
     add("--resample", type=int, help="select: extra draws while the candidate is unchanged")
@@ -135,10 +140,13 @@ def run(argv=None) -> dict:
     """Parses `argv` and merges; returns the summary dict of `merge_checkpoints`."""
     s = settings(argv)
     options = {k: s[k] for k in _OPTIONS}
-    return merge_stream.merge_checkpoints(
-        s["models"], s["out"], method=s["method"], base=s["base"], seed=s["seed"],
-        options=options, fmt=s["format"], dtype=s["dtype"], shard_size=s["shard_size"],
-        overwrite=bool(s["overwrite"]), progress=bool(s["progress"]))
+    cache = s["compile_cache"]
+    with merge_stream.compile_cache(merge_stream.default_compile_cache() if cache is None
+                                    else cache):
+        return merge_stream.merge_checkpoints(
+            s["models"], s["out"], method=s["method"], base=s["base"], seed=s["seed"],
+            options=options, fmt=s["format"], dtype=s["dtype"], shard_size=s["shard_size"],
+            overwrite=bool(s["overwrite"]), progress=bool(s["progress"]))
 
 
 def main(argv=None) -> int:

@@ -1190,3 +1190,85 @@ def test_property_ties_and_task_arithmetic(structure, k, seed, density):
         want = b + 0.5 * sum(wi * (np.asarray(flat(m)[n], np.float64) - b)
                              for wi, m in zip(w, models))
         np.testing.assert_allclose(np.asarray(ta[n]), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- TIES on tie-heavy task vectors -----------------------------------------------------
+
+def _tie_heavy_models(dtype, rng, shapes, k_models):
+    """Base and K models whose deltas take a handful of magnitudes (float32: 0.05,
+    0.03, 0.02, 0.01 and 0 for 10/20/30/20/20% of the entries, random signs, as
+    quantised deltas) or are bfloat16 roundings of Gaussian deltas (a few dozen
+    magnitudes: multiples of the base's spacing)."""
+    base = {n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()}
+    mags = np.asarray([0.05, 0.03, 0.02, 0.01, 0.0], np.float32)
+    models = []
+    for _ in range(k_models):
+        m = {}
+        for n, b in base.items():
+            b32 = np.asarray(b, np.float32)
+            if dtype == ml_dtypes.bfloat16:
+                d = 0.01 * rng.standard_normal(b.shape) * (rng.random(b.shape) < 0.7)
+            else:
+                d = rng.choice(mags, size=b.shape, p=[0.1, 0.2, 0.3, 0.2, 0.2])
+                d = d * rng.choice(np.asarray([-1, 1], np.float32), size=b.shape)
+            m[n] = (b32 + d).astype(dtype)
+        models.append(m)
+    return base, models
+
+
+@pytest.mark.parametrize("path", ["host", "device", "stacked", "staged"])
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_ties_tie_heavy_exact_and_counted(monkeypatch, path, dtype, scope):
+    """Deltas from a few distinct magnitudes: whole classes of entries tie with
+    the k-th magnitude. The sampled search (tensors above the exact-solve size)
+    equals brute force bit for bit, with the threshold inside one tie class
+    (bracket lo == hi), on the boundary of two (lo < hi, both ends ties) and
+    among distinct values; and the tie classes at the bracket's ends are
+    counted, not gathered: the entries gathered for the exact selection stay a
+    small share of the tensor, as for distinct magnitudes."""
+    if path in ("device", "stacked"):  # XLA samples, gathers and recomputes the tie blocks
+        monkeypatch.setattr(_merge_trim, "_host_views", lambda leaf: None)
+    if path == "staged":  # numpy operands labelled chunk by chunk
+        monkeypatch.setattr(_merge_stage, "MIN_SIZE", 1024)
+        monkeypatch.setattr(_merge_stage, "CHUNK", 1 << 14)
+    gathered, modes, found = [], [], []
+    solve, tie_mode, find = _merge_trim._solve, _merge_trim._tie_mode, _merge_trim._find_tie
+    monkeypatch.setattr(_merge_trim, "_find_tie", lambda *a: (
+        found.append(a[-1]), find(*a))[1])
+    layouts, make_layouts = set(), _merge_trim._layouts
+    monkeypatch.setattr(_merge_trim, "_layouts", lambda *a: (
+        lambda out: (layouts.update(out), out)[1])(make_layouts(*a)))
+    monkeypatch.setattr(_merge_trim, "_solve", lambda parts, *a: (
+        gathered.append((sum(len(p.vals) for p in parts), sum(p.n for p in parts))),
+        solve(parts, *a))[1])
+    monkeypatch.setattr(_merge_trim, "_tie_mode", lambda s, lo, hi, *sub: (
+        modes.append((bool(tie_mode(s, lo, hi, *sub)), lo == hi)), tie_mode(s, lo, hi, *sub))[1])
+    rng = np.random.default_rng(31)
+    big = (_merge_trim.EXACT // 256 + 7, 300)
+    shapes = {"a": big, "b": big, "small": (33, 5)}
+    base, models = _tie_heavy_models(dtype, rng, shapes, 4)
+    # 0.3 and 0.8 sit on class boundaries of the float32 deltas, 0.45 and 0.05 inside.
+    dens, w = [0.3, 0.45, 0.8, 0.05], [0.5, 1.0, 2.0, 1.0]
+    if path == "stacked":  # one [K, ...] array per leaf
+        got = M.ties(_stack(models), base, dens, w, trim=scope, stacked=True)
+    else:
+        got = M.ties(models, base, dens, w, trim=scope)
+    ref = _ties_reference(models, base, dens, w, scope=scope)
+    exact = np.float32
+    for n in shapes:
+        assert got[n].dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got[n], exact), np.asarray(ref[n], exact),
+                                      err_msg=n)
+    assert all(tie for tie, _ in modes), modes
+    if dtype == np.float32:
+        assert {same for _, same in modes} == {True, False}, modes
+    assert found, "no threshold split a tie class at a bracket end"
+    # The label layouts (static arguments of the label kernels) do not depend
+    # on the data beyond plain / wide: one group of 2-bit labels, or two of 4-bit.
+    lo, hi = np.zeros(4, np.uint32), np.ones(4, np.uint32)
+    canonical = set(make_layouts(range(4), lo, hi, [False] * 4))
+    canonical |= set(make_layouts(range(4), lo, hi, [True] * 4))
+    assert len(canonical) == 3 and layouts <= canonical, layouts
+    big_solves = [(g, n) for g, n in gathered if n > _merge_trim.EXACT]
+    assert big_solves and all(g <= n // 50 for g, n in big_solves), big_solves

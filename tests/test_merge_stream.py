@@ -617,3 +617,84 @@ def test_scan_layout_workdir(tmp_path):
                         options={"density": 0.4}, progress=False, log=lambda s: None)
     _assert_same(_flat(_orbax_restore(out2)), _flat(M.ties(stacked, base, 0.4, stacked=True)))
 
+
+
+# ---- persistent compilation cache of the command -------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _compile_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """The command's default compilation cache goes to a temporary folder in
+    every test of this module, never to ~/.cache."""
+    monkeypatch.setenv("PSM_COMPILE_CACHE", str(tmp_path_factory.mktemp("jax_cache")))
+
+
+def _compile_events(fn) -> dict:
+    """Counts while fn runs: `compiles` (executables built or loaded), `hits`
+    (loaded from the persistent cache), `written` (new cache entries)."""
+    import jax.monitoring as mon
+    counts = {"compiles": 0, "hits": 0, "written": 0}
+
+    def on_duration(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts["compiles"] += 1
+
+    def on_event(event, **kw):
+        if event == "/jax/compilation_cache/cache_hits":
+            counts["hits"] += 1
+        elif event == "/jax/compilation_cache/cache_misses":  # recorded when an entry is written
+            counts["written"] += 1
+
+    mon.register_event_duration_secs_listener(on_duration)
+    mon.register_event_listener(on_event)
+    try:
+        fn()
+    finally:
+        mon.unregister_event_duration_listener(on_duration)
+        mon.unregister_event_listener(on_event)
+    return counts
+
+
+def test_compile_cache_rerun_compiles_nothing_and_opt_out_writes_nothing(
+        hf, tmp_path, monkeypatch):
+    """The command caches every executable it compiles (by default in
+    $PSM_COMPILE_CACHE); a rerun in a fresh state (in-memory caches cleared, as
+    in a new process) loads all of them from disk and compiles none;
+    `--no-compile-cache` neither reads nor writes the folder. Outputs agree."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PSM_COMPILE_CACHE", str(cache))
+    settings = (jax.config.jax_compilation_cache_dir,
+                jax.config.jax_persistent_cache_min_compile_time_secs)
+    args = ["--models=" + ",".join(hf["dirs"]), f"--base={hf['base_dir']}", "--method=ties",
+            "--density=0.3", "--no-progress"]
+    jax.clear_caches()
+    first = _compile_events(lambda: merge_cli.run(args + [f"--out={tmp_path / 'a'}"]))
+    entries = sorted(os.listdir(cache))
+    assert first["compiles"] > 0 and first["hits"] == 0, first
+    assert len(entries) == first["written"] == first["compiles"], (first, entries)
+    jax.clear_caches()
+    second = _compile_events(lambda: merge_cli.run(
+        args + [f"--out={tmp_path / 'b'}", f"--compile_cache={cache}"]))
+    assert second == {"compiles": first["compiles"], "hits": first["compiles"], "written": 0}
+    assert sorted(os.listdir(cache)) == entries
+    _assert_same(_load(str(tmp_path / "b")), _load(str(tmp_path / "a")))
+
+    off = tmp_path / "off"
+    monkeypatch.setenv("PSM_COMPILE_CACHE", str(off))
+    jax.clear_caches()
+    third = _compile_events(lambda: merge_cli.run(
+        args + [f"--out={tmp_path / 'c'}", "--no-compile-cache"]))
+    assert third["compiles"] == first["compiles"] and third["hits"] == third["written"] == 0
+    assert not off.exists() or not os.listdir(off)
+    _assert_same(_load(str(tmp_path / "c")), _load(str(tmp_path / "a")))
+    # The settings of the process are restored after each run.
+    assert (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs) == settings
+
+
+def test_compile_cache_that_is_a_file_is_refused(hf, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    assert merge_cli.main(["--models=" + ",".join(hf["dirs"]), "--method=average",
+                           f"--out={tmp_path / 'o'}", "--no-progress",
+                           f"--compile-cache={blocker}"]) == 2
+    assert not (tmp_path / "o").exists()
