@@ -245,3 +245,6 @@ def test_redraw_draws_both_figures_with_the_requested_bins(tmp_path, monkeypatch
     a, kw = calls["anchor"]
     assert kw.get("num_bins") == 7
     assert set(a[2]) == {"average"}
+    calls.clear()
+    imbalance.redraw(str(tmp_path))  # the command's default: 20 bins, as the trainer's
+    assert calls["anchor"][1].get("num_bins") == 20
