@@ -54,7 +54,9 @@ def test_draws_are_the_documented_hash():
     got = np.asarray(K.draw(ctr, SEEDS[0]))
     np.testing.assert_array_equal(got, _draw(ctr, SEEDS[0, 0], SEEDS[0, 1]))
     seeds = np.array([[5, 6], [5, 9], [5, 11]], np.uint32)  # streams share s0
-    for i, d in enumerate(K.draws(ctr, seeds)):
+    streams = K.draws(ctr, seeds)
+    assert len(streams) == 3
+    for i, d in enumerate(streams):
         np.testing.assert_array_equal(np.asarray(d), _draw(ctr, seeds[0, 0], seeds[i, 1]))
     u = np.asarray(K._unit(got))
     np.testing.assert_array_equal(u, _unit(got))
@@ -142,3 +144,53 @@ def test_poison_is_negative_zero_or_nan():
     assert np.isnan(poisoned[30])
     keep = np.arange(N) != 30
     np.testing.assert_array_equal(poisoned[keep], clean[keep])
+
+
+def test_select_threshold_is_strict():
+    """u < C_i picks model i: a draw equal to a threshold goes to the next model."""
+    xs, base = _inputs(5)
+    ctr = np.arange(N, dtype=np.uint32)
+    u = _draw(ctr, SEEDS[0, 0], SEEDS[0, 1])
+    thresholds = np.array([u[7], np.uint32(3 << 30), np.uint32(0xFFFFFFFF)], np.uint32)
+    got = np.asarray(K._select_body(xs, base, ctr, SEEDS, thresholds, last=3, poison=False))
+    assert got[7] == (xs[1][7] if u[7] < thresholds[1] else xs[2][7])
+
+
+@pytest.mark.parametrize("body", ["select", "resample"])
+def test_poison_keeps_finite_results_bit_identical_and_marks_nan(body):
+    xs, base = _inputs(6)
+    xs = [x.copy() for x in xs]
+    for x in xs:
+        x[40] = np.float32(-0.0)  # the sign of a zero result must survive the poison term
+    base = base.copy()
+    base[40] = np.float32(-0.0)
+    xs[2][50] = np.nan
+    ctr = np.arange(N, dtype=np.uint32)
+    p = np.full(4, 0.25, np.float32)
+    thresholds = np.array([1 << 30, 2 << 30, 3 << 30], np.uint32)
+
+    def run(poison):
+        if body == "select":
+            return np.asarray(K._select_body(xs, base, ctr, SEEDS, thresholds, last=3,
+                                             poison=poison))
+        return np.asarray(K._resample_body(xs, base, ctr, SEEDS, p, np.float32(0), n=2,
+                                           use_tol=False, poison=poison))
+
+    clean, poisoned = run(False), run(True)
+    assert np.isnan(poisoned[50])
+    keep = np.arange(N) != 50
+    np.testing.assert_array_equal(poisoned[keep].view(np.uint32), clean[keep].view(np.uint32))
+    assert np.signbit(poisoned[40])
+
+
+def test_tolerance_is_strict():
+    """|x - base| == tol counts as unchanged (changed means strictly more than tol)."""
+    base = np.ones(8, np.float32)
+    xs = [base + np.float32(0.5), base + np.float32(2.0), base + np.float32(2.0),
+          base + np.float32(2.0)]
+    p = np.array([0.97, 0.01, 0.01, 0.01], np.float32)
+    ctr = np.arange(8, dtype=np.uint32)
+    got = np.asarray(K._resample_body(xs, base, ctr, SEEDS, p, np.float32(0.5), n=0,
+                                      use_tol=True, poison=False))
+    # Model 0 (exactly tol away) is never a changed candidate, so never chosen.
+    assert not np.any(got == xs[0])
