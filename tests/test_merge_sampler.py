@@ -151,9 +151,33 @@ def test_select_threshold_is_strict():
     xs, base = _inputs(5)
     ctr = np.arange(N, dtype=np.uint32)
     u = _draw(ctr, SEEDS[0, 0], SEEDS[0, 1])
-    thresholds = np.array([u[7], np.uint32(3 << 30), np.uint32(0xFFFFFFFF)], np.uint32)
+    j = 37  # every model changed this scalar, so each pick is visible
+    assert len({float(x[j]) for x in xs}) == 4
+    thresholds = np.array([u[j], np.uint32(3 << 30), np.uint32(0xFFFFFFFF)], np.uint32)
     got = np.asarray(K._select_body(xs, base, ctr, SEEDS, thresholds, last=3, poison=False))
-    assert got[7] == (xs[1][7] if u[7] < thresholds[1] else xs[2][7])
+    assert got[j] == (xs[1][j] if u[j] < thresholds[1] else xs[2][j])
+
+
+def test_resample_boundaries_are_strict():
+    """A draw exactly at the base's share P(base) = q goes to a changed model, and a
+    cumulative weight equal to r W (here 0, an unchanged model's) does not take it."""
+    base = np.zeros(8, np.float32)
+    xs = [base.copy(), base + np.float32(1.0)]  # model 0 unchanged, model 1 changed
+    ctr = np.arange(8, dtype=np.uint32)
+    j = 3
+    u_j = _unit(_draw(ctr, SEEDS[0, 0], SEEDS[0, 1]))[j]
+    p = np.array([u_j, 1 - u_j], np.float32)  # q = p_0 = u_j at every scalar
+    got = np.asarray(K._resample_body(xs, base, ctr, SEEDS, p, np.float32(0), n=0,
+                                      use_tol=False, poison=False))
+    assert got[j] == 1.0
+
+
+def test_compute_dtype_widens_16_bit_floats_only():
+    import ml_dtypes
+    assert K.compute_dtype(ml_dtypes.bfloat16) == np.float32
+    assert K.compute_dtype(np.float16) == np.float32
+    assert K.compute_dtype(np.float32) == np.float32
+    assert K.compute_dtype(np.float64) == np.float64
 
 
 @pytest.mark.parametrize("body", ["select", "resample"])
