@@ -205,7 +205,9 @@ def _select_body(xs, base, ctr, seeds, thresholds, *, last, poison):
 
 
 def _unit(u):
-    """uint32 draw -> float32 in (0, 1) with 2^-24 resolution (bin midpoints)."""
+    """uint32 draw -> float32 in (0, 1] with 2^-24 resolution: the midpoint of the draw's
+    top-24-bit bin, rounded to float32 (above 2^23 the midpoint k + 0.5 rounds to even,
+    so the top bin gives exactly 1.0; `_resample_body` caps its ratio for that case)."""
     return ((u >> 8).astype(jnp.float32) + 0.5) * np.float32(2.0**-24)
 
 

@@ -218,3 +218,18 @@ def test_tolerance_is_strict():
                                       use_tol=True, poison=False))
     # Model 0 (exactly tol away) is never a changed candidate, so never chosen.
     assert not np.any(got == xs[0])
+
+
+def test_top_draw_is_one_and_the_cap_keeps_it_on_a_changed_model():
+    """The top 24-bit draw maps to u = 1.0 in float32 (k + 0.5 rounds up there), so
+    r = (u - P(base)) / (1 - P(base)) = 1; the cap r <= 1 - 2^-23 keeps r W < W, so the
+    pick is the changed model, never the unchanged one that sits last."""
+    ctr = np.array([5179393], np.uint32)  # found by search: draw >> 8 == 2^24 - 1
+    assert (_draw(ctr, SEEDS[0, 0], SEEDS[0, 1]) >> np.uint32(8)) == 2**24 - 1
+    assert float(np.asarray(K._unit(K.draw(ctr, SEEDS[0])))[0]) == 1.0
+    base = np.zeros(1, np.float32)
+    xs = [base + np.float32(1.0), base.copy()]  # model 0 changed, model 1 unchanged (last)
+    p = np.array([0.5, 0.5], np.float32)
+    got = np.asarray(K._resample_body(xs, base, ctr, SEEDS, p, np.float32(0), n=0,
+                                      use_tol=False, poison=False))
+    assert got[0] == 1.0
