@@ -66,7 +66,9 @@ def test_draws_are_the_documented_hash():
 def test_counters_are_row_major_flat_indices_plus_offset():
     got = np.asarray(K.counters((3, 4, 5), 11))
     np.testing.assert_array_equal(got, np.arange(60, dtype=np.uint32).reshape(3, 4, 5) + 11)
-    assert int(K.counters((), 9)) == 9
+    assert got.dtype == np.uint32  # the hash's shifts are logical only on unsigned words
+    scalar = K.counters((), 9)
+    assert int(scalar) == 9 and scalar.dtype == np.uint32
 
 
 @pytest.mark.parametrize("probs", [[0.25] * 4, [0.1, 0.2, 0.3, 0.4]])
