@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from configs import tiny
 from psm import experiment, experiment_report, stats
 from psm import workdir as wd
 from psm.evaluation import glue
+from tiny_config import tiny_test_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRAWS = 500
@@ -201,14 +201,7 @@ def test_folders_that_disagree_are_refused(tmp_path):
 # ------------------------------------------------------------------------ orchestration
 
 def _config():
-    c = tiny.get_config("test")
-    for key, value in OVERRIDES.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return tiny_test_config(**OVERRIDES)
 
 
 def test_seed_config_changes_only_the_data_seed():

@@ -11,27 +11,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import tiny
 from psm import base_model, evaluate, replicas, report, trainer
 from psm.data import tasks
 from psm.evaluation import lm, runner
+from tiny_config import tiny_test_config
 
 METHODS = ("average", "select", "select_resample", "ties", "dare", "best_single",
            "greedy_soup", "ensemble")
 
 
 def _config(**overrides):
-    c = tiny.get_config("test")
-    c.mesh.replica = 1
-    c.merge.methods = METHODS
-    c.merge.storage_dtype = "bfloat16"
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return tiny_test_config(**{"mesh.replica": 1, "merge.methods": METHODS,
+                               "merge.storage_dtype": "bfloat16", **overrides})
 
 
 @pytest.fixture(scope="module")

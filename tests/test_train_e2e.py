@@ -13,23 +13,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny
 from psm import trainer
 from psm.data import orders
+from tiny_config import tiny_test_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
-    c = tiny.get_config("test")
-    c.mesh.replica = 1  # one device, like a plain `python -m psm.train` process here
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    # One device, like a plain `python -m psm.train` process here.
+    return tiny_test_config(**{"mesh.replica": 1, **overrides})
 
 
 @pytest.fixture(scope="module")
