@@ -27,15 +27,14 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from psm import cli
+from psm import cli, report
 from psm import workdir as wd
 
 # JAX, the models and the trainer are imported where they are used, so that a bad
 # flag or --checkpoint path is refused before those imports (seconds).
 
 log = logging.getLogger(__name__)
-# psm.trainer.MERGE_METHODS (checked by a test), spelt out to keep the import light.
-MERGE_CHOICES = ("average", "select", "select_resample", "ties", "dare")
+MERGE_CHOICES = report.MERGE_METHODS  # psm.report is light: no JAX before the flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
                                           lock_config=True)

@@ -7,6 +7,9 @@ import os
 
 import numpy as np
 
+MERGE_METHODS = ("average", "select", "select_resample", "ties", "dare")
+"""Merges computed from the replicas (and base) alone (`config.merge.methods`). Kept in
+this light module so that `python -m psm.evaluate` checks its flags before importing JAX."""
 REFERENCE_ROWS = ("best_single", "greedy_soup", "ensemble")
 """Rows beyond the paper's merges (METHOD.md section 5), labelled "reference" in the table."""
 

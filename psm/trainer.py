@@ -29,8 +29,7 @@ from psm.metrics import MetricWriter, read_metrics
 
 log = logging.getLogger(__name__)
 
-MERGE_METHODS = ("average", "select", "select_resample", "ties", "dare")
-"""Merges computed from the replicas (and base) alone."""
+MERGE_METHODS = report.MERGE_METHODS
 REFERENCE_METHODS = report.REFERENCE_ROWS
 """Reference rows beyond the paper (METHOD.md section 5): `best_single` and
 `greedy_soup` need the replicas' validation losses; `ensemble` is K models
