@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
-from psm import base_model  # noqa: E402
+from psm.training import base_model  # noqa: E402
 from psm.data import paper_tasks, tasks  # noqa: E402
 from psm.evaluation import lm, runner  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Streaming merge (`python -m psm.merge_cli`) against mergekit on HF Llama checkpoints.
+"""Streaming merge (`python -m psm.merge`) against mergekit on HF Llama checkpoints.
 
 Writes (once, cached in --workdir) a base and three fine-tuned Llama
 checkpoints in HF format (float32 safetensors written from numpy, a
@@ -133,7 +133,7 @@ def timed(cmd, env=None) -> tuple[float, float, str]:
 
 def max_abs_diff(a_dir: str, b_dir: str) -> float:
     """Largest |a - b| over all tensors of two HF folders (read tensor by tensor)."""
-    from psm.merge_stream import HFReader
+    from psm.merge.streaming import HFReader
     a, b = HFReader(a_dir), HFReader(b_dir)
     if set(a.infos) != set(b.infos):
         raise RuntimeError(f"tensor names differ: {sorted(set(a.infos) ^ set(b.infos))[:5]}")
@@ -155,7 +155,7 @@ def ties_differences(psm_dir: str, mk_dir: str, base_dir: str, model_dirs, densi
     magnitudes is unspecified. Where the k-th largest |tau| is tied, the two
     may keep different entries.
     """
-    from psm.merge_stream import HFReader
+    from psm.merge.streaming import HFReader
     a, b, base = HFReader(psm_dir), HFReader(mk_dir), HFReader(base_dir)
     models = [HFReader(d) for d in model_dirs]
     differ = total = on_tie = 0
@@ -230,7 +230,7 @@ def main(argv=None) -> None:
     os.makedirs(outs)
     cache_dir = os.path.join(work, "jax_cache")
     shutil.rmtree(cache_dir, ignore_errors=True)
-    py = [sys.executable, "-m", "psm.merge_cli", "--models=" + ",".join(models),
+    py = [sys.executable, "-m", "psm.merge", "--models=" + ",".join(models),
           "--no-progress", ("--no-compile-cache" if args.compile_cache == "off"
                             else f"--compile-cache={cache_dir}")]
     # The psm commands end with --out=<dir>; best() clears it before every run.

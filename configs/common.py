@@ -30,7 +30,7 @@ def base() -> config_dict.ConfigDict:
     c.task.max_new_tokens = 256
 
     c.model = config_dict.ConfigDict()
-    c.model.init = "pretrained"  # 'pretrain' | 'pretrained' | 'random' (psm/base_model.py)
+    c.model.init = "pretrained"  # 'pretrain' | 'pretrained' | 'random' (psm/training/base_model.py)
     c.model.kind = "smollm2"  # 'smollm2' | 'gguf' | 'hf'
     c.model.path = ""  # GGUF file or HF folder (smollm2: the wheel's file)
     c.model.param_dtype = "float32"
@@ -62,7 +62,7 @@ def base() -> config_dict.ConfigDict:
     c.train.eval_every = 100  # validation loss of singles and their average (Fig. 4); 0 = off
 
     c.mesh = config_dict.ConfigDict()
-    # (replica, fsdp, tensor) mesh, psm/sharding.py. -1 fills from the device count
+    # (replica, fsdp, tensor) mesh, psm/training/sharding.py. -1 fills from the device count
     # (replica: the largest divisor of K that fits; then fsdp or tensor: the rest).
     c.mesh.replica = -1  # the K replicas
     c.mesh.fsdp = 1  # inside a replica: batch and parameters' embed dimension
@@ -98,7 +98,7 @@ def base() -> config_dict.ConfigDict:
     c.eval = config_dict.ConfigDict()
     c.eval.batch_size = 64
     c.eval.num_bins = 20
-    # Merge readiness (psm/diagnostics.py): validation loss on straight lines between
+    # Merge readiness (psm/training/diagnostics.py): validation loss on straight lines between
     # replica pairs and from each replica to their average, and task-vector geometry.
     c.eval.barrier = True
     c.eval.barrier_grid = (0.0, 0.25, 0.5, 0.75, 1.0)

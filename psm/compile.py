@@ -4,8 +4,8 @@
       --config.model.kind=hf --config.model.path=<folder with config.json> \\
       --config.mesh.fsdp=-1
 
-lowers and compiles the real K-replica training step (`psm.replicas`, with the
-shardings of `psm.sharding` on the config's mesh) and the per-leaf merge
+lowers and compiles the real K-replica training step (`psm.training.replicas`, with the
+shardings of `psm.training.sharding` on the config's mesh) and the per-leaf merge
 kernels (average, select) for a TPU topology, on a CPU-only machine: the TPU
 compiler comes with `libtpu` (requirements-tpu.txt) and
 `jax.experimental.topologies.get_topology_desc` describes the slice, as
@@ -80,7 +80,7 @@ def topology_devices(name: str):
 
 def model_config(config):
     """The LlamaConfig a run of `config` trains, read without loading any weights."""
-    from psm import base_model
+    from psm.training import base_model
     from psm.models import gguf_llama, llama, registry
 
     m = config.model
@@ -197,7 +197,8 @@ def compile_run(config, topology: str, *, merge: bool = True) -> dict:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from psm import _merge_kernels, replicas, sharding, trainer
+    from psm.merge import kernels
+    from psm.training import replicas, sharding, trainer
     from psm.models import llama
 
     chip, devices, hbm = topology_devices(topology)
@@ -242,9 +243,9 @@ def compile_run(config, topology: str, *, merge: bool = True) -> dict:
             thresholds = np.minimum(np.round(np.arange(1, k + 1) / k * 2.0 ** 32),
                                     2.0 ** 32 - 1).astype(np.uint32)
             with jax.set_mesh(mesh):
-                avg = _compile(_merge_kernels.average_kernel.lower(
+                avg = _compile(kernels.average_kernel.lower(
                     leaf, weights, stacked=True, out_sharding=out_sh))
-                sel = _compile(_merge_kernels.select_kernel.lower(
+                sel = _compile(kernels.select_kernel.lower(
                     leaf, np.zeros((1, 2), np.uint32), np.uint32(0), thresholds, stacked=True,
                     last=k - 1, out_sharding=out_sh, poison=True))
             seen[key] = max((_memory(avg), _memory(sel)), key=_total)

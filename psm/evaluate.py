@@ -27,14 +27,15 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from psm import cli, report
-from psm import workdir as wd
+from psm import cli
+from psm.training import report
+from psm.training import workdir as wd
 
 # JAX, the models and the trainer are imported where they are used, so that a bad
 # flag or --checkpoint path is refused before those imports (seconds).
 
 log = logging.getLogger(__name__)
-MERGE_CHOICES = report.MERGE_METHODS  # psm.report is light: no JAX before the flags
+MERGE_CHOICES = report.MERGE_METHODS  # psm.training.report is light: no JAX before the flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
                                           lock_config=True)
@@ -92,10 +93,10 @@ def load_models(config, path: str, *, merge: str | None = None, replica: int | N
     _check_selection(path, kind, merge, replica)
     import jax
 
-    from psm import base_model, checkpoint, replicas
+    from psm.training import base_model, checkpoint, replicas
     from psm.data import tasks
     from psm.evaluation import lm
-    from psm.trainer import make_optimizer, merge_models
+    from psm.training.trainer import make_optimizer, merge_models
     if kind == "hf":
         cfg = dict(config.model.to_dict(), kind="hf", path=path, init="pretrained")
         graphdef, params, tokenizer, _ = base_model.load_base(_with_model(config, cfg), "")
@@ -174,7 +175,7 @@ def _check_selection(path: str, kind: str, merge, replica) -> None:
 
 
 def _base_of(workdir: str, like):
-    from psm import checkpoint
+    from psm.training import checkpoint
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "base"), interval=1, keep=1)
     try:
         return ckpt.restore(ckpt.latest_step(), like)

@@ -5,7 +5,7 @@
 
 Seed s trains `config` with `config.data_seed = <base data_seed> + s` (new K data orders;
 the base model, merge draws and hyper-parameters are unchanged) into `<workdir>/seed<s>/`
-through `psm.trainer.train_and_evaluate`. A rerun resumes: a seed whose `results.json`
+through `psm.training.trainer.train_and_evaluate`. A rerun resumes: a seed whose `results.json`
 exists is never retrained, an unfinished one resumes from its checkpoints. Then the
 report over all seeds is written into the workdir (`RESULTS.md`, `report.json`,
 `plots/`, see `psm.experiment_report`); `--report_only` rebuilds it from the seed folders
@@ -28,8 +28,8 @@ import sys
 import numpy as np
 
 from psm import imbalance, stats
-from psm import workdir as wd
-from psm.metrics import read_metrics
+from psm.training import workdir as wd
+from psm.training.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def run_seeds(config, workdir: str, seeds: int, train_fn=None) -> list[int]:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     check_seed_folders(config, workdir, seeds)
     if train_fn is None:
-        from psm import trainer
+        from psm.training import trainer
         train_fn = trainer.train_and_evaluate
     trained = []
     for s in range(seeds):
@@ -260,7 +260,7 @@ def main(argv) -> None:
     if config is None and not _REPORT_ONLY.value:
         raise ValueError("--config is required unless --report_only")
     if config is not None and not _REPORT_ONLY.value:
-        from psm import trainer
+        from psm.training import trainer
         try:  # before any seed folder is written
             trainer.validate_config(config)
         except ValueError as e:

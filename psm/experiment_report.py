@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from psm import imbalance, stats
-from psm import workdir as wd
+from psm.training import workdir as wd
 
 MEAN_SINGLE = "mean single"
 BEST_SINGLE = "best single (val)"

@@ -16,7 +16,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from psm import cli, workdir
+from psm import cli
+from psm.training import workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file, e.g. configs/tiny.py (add :variant to pick one).",
@@ -32,7 +33,7 @@ def main(argv):
     workdir.check_writable(_WORKDIR.value)  # creates nothing
     # Imported here, not at the top: a refused flag or workdir is then reported
     # before JAX and the model code are imported (seconds).
-    from psm import trainer
+    from psm.training import trainer
     try:
         # Before anything is written or computed: a rerun with the corrected value
         # then starts clean.

@@ -35,9 +35,9 @@ TARGETS = {
                "the K data orders and first-epoch positions"),
     # The body-level tests run eagerly in a second; the kernel-level tests recompile the
     # merge kernels for every mutant (about a minute each here), so they are not used.
-    "sampler": (["psm/_merge_kernels.py"], ["tests/test_merge_sampler.py"],
+    "sampler": (["psm/merge/kernels.py"], ["tests/test_merge_sampler.py"],
                 "selection and resampling draws (the functions those tests reach)"),
-    "checkpoint": (["psm/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_resume.py"],
+    "checkpoint": (["psm/training/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_resume.py"],
                    "checkpoint save/restore and resume"),
     "scorers": (["psm/evaluation/glue.py", "psm/evaluation/gsm8k.py"],
                 ["tests/test_eval_glue.py", "tests/test_eval_gsm8k.py",

@@ -1,4 +1,4 @@
-"""psm/checkpoint.py on small trees: what is saved, kept, found and restored."""
+"""psm/training/checkpoint.py on small trees: what is saved, kept, found and restored."""
 
 import os
 
@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from psm import checkpoint
+from psm.training import checkpoint
 
 
 def _state(seed=0):

@@ -51,7 +51,7 @@ def _hf_folder(path, nan=False, config=True):
 
 def _psm_config(**model):
     from configs import tiny
-    from psm import workdir
+    from psm.training import workdir
     c = tiny.get_config("test")
     for k, v in model.items():
         c.model[k] = v
@@ -61,7 +61,7 @@ def _psm_config(**model):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Bad inputs, built once: {name: path}."""
-    from psm import checkpoint
+    from psm.training import checkpoint
     d = tmp_path_factory.mktemp("bad")
     p = {"dir": str(d)}
     p["hf1"] = _hf_folder(d / "hf1")
@@ -231,9 +231,9 @@ def test_train_help_lists_config_keys():
 
 
 def test_user_errors_and_bugs_are_told_apart():
-    from psm import merge_stream
+    from psm.merge import streaming
     with pytest.raises(ValueError) as psm_raised:
-        merge_stream.parse_size("-1")
+        streaming.parse_size("-1")
     assert cli.is_user_error(psm_raised.value)
     with pytest.raises(ValueError) as numpy_raised:
         np.zeros(3).reshape(2)
@@ -245,5 +245,6 @@ def test_user_errors_and_bugs_are_told_apart():
 
 
 def test_evaluate_merge_choices_are_the_trainers():
-    from psm import evaluate, trainer
+    from psm import evaluate
+    from psm.training import trainer
     assert evaluate.MERGE_CHOICES == trainer.MERGE_METHODS

@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from configs import tiny
-from psm import trainer
-from psm import workdir as wd
+from psm.training import trainer
+from psm.training import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +72,7 @@ def test_failed_start_is_reused_with_a_changed_config(tmp_path, caplog):
     old.pretrain.learning_rate = -3e-3  # what a run without validation left behind
     workdir = tmp_path / "run"
     _write_failed_start(workdir, old)
-    with caplog.at_level(logging.WARNING, logger="psm.workdir"):
+    with caplog.at_level(logging.WARNING, logger="psm.training.workdir"):
         assert wd.prepare(str(workdir), new) is True
     assert "only a failed start" in caplog.text and "pretrain.learning_rate" in caplog.text
     assert json.loads((workdir / "config.json").read_text()) == wd.config_to_dict(new)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from psm import diagnostics
+from psm.training import diagnostics
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -1,7 +1,7 @@
 """The encoder path of the replica trainer: GLUE classification / regression with BERT.
 
 `configs/glue_bert.py:<task>,smoke` (a random 1-layer BERT with MiniLM's vocabulary,
-K = 2, real GLUE data) runs end to end through `psm.trainer.train_and_evaluate`; the
+K = 2, real GLUE data) runs end to end through `psm.training.trainer.train_and_evaluate`; the
 files it leaves are checked against direct recomputations and read back by the
 multi-seed harness (`psm.experiment`).
 """
@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 from configs import glue_bert
-from psm import checkpoint, encoder_task, experiment, merge, replicas, trainer
+from psm import experiment, merge
+from psm.training import checkpoint, encoder_task, replicas, trainer
 from psm.data import paper_tasks
 from psm.evaluation import glue
 from psm.models import registry

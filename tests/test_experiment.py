@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 
 from psm import experiment, experiment_report, stats
-from psm import workdir as wd
+from psm.training import workdir as wd
 from psm.evaluation import glue
 from tiny_config import tiny_test_config
 

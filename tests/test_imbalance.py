@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from psm import imbalance, report
+from psm import imbalance
+from psm.training import report
 
 
 def test_trend_recovers_known_slope_and_sign():

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from psm import _merge_kernels, _merge_stage, _merge_trim
+from psm.merge import host_staging, kernels, methods, ties_threshold
 from psm import merge as M
 
 KEY = jax.random.key(7)
@@ -294,7 +294,7 @@ def _ties_reference(models, base, density, weights, scale=1.0, normalize=True,
         groups = [[n] for n in names] if scope == "tensor" else [names]
         for group in groups:
             flat = np.concatenate([tau[i][n].ravel() for n in group])
-            k = _merge_trim.trim_count(density[i], flat.size)
+            k = ties_threshold.trim_count(density[i], flat.size)
             order = np.argsort(-np.abs(flat).astype(np.float64), kind="stable")
             mask = np.zeros(flat.size, bool)
             mask[order[:k]] = True
@@ -323,7 +323,7 @@ def test_ties_exact_against_brute_force(dtype, scope):
     rng = np.random.default_rng(3)
     # 'big' exceeds the exact-solve size, so the sampled bracket path runs; bf16
     # magnitudes have many exact ties at the threshold.
-    shapes = {"big": (_merge_trim.EXACT // 256 + 7, 300), "small": (33, 5), "vec": (9,)}
+    shapes = {"big": (ties_threshold.EXACT // 256 + 7, 300), "small": (33, 5), "vec": (9,)}
     base = {n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()}
     models = [{n: (np.asarray(b, np.float32) + 0.01 * rng.standard_normal(b.shape)
                    * (rng.random(b.shape) < 0.7)).astype(dtype) for n, b in base.items()}
@@ -361,7 +361,7 @@ def test_ties_strict_bounds_match_position_tie_break(dtype):
     deltas = rng.choice(np.array([0.5, 0.25, 0.125, 0.0625], dtype), size=(3, n))
     deltas *= rng.choice([-1, 1], size=(3, n)) * (rng.random((3, n)) < 0.7)
     xs = tuple(jnp.asarray(base + d) for d in deltas)
-    utype = _merge_kernels.uint_for(dtype)
+    utype = kernels.uint_for(dtype)
     bits = lambda v: np.asarray([v], dtype).view(utype)[0]
     none = np.iinfo(utype).max
     cut_all = 0xFFFFFFFF
@@ -375,19 +375,19 @@ def test_ties_strict_bounds_match_position_tie_break(dtype):
         for case in cases:
             tbits = np.asarray([t for t, _ in case], utype)
             cuts = np.asarray([c for _, c in case], np.uint32)
-            bounds = _merge_kernels.strict_bounds(tbits, cuts)
+            bounds = kernels.strict_bounds(tbits, cuts)
             assert bounds is not None
             for normalize in (True, False):
                 args = dict(stacked=False, normalize=normalize, out_sharding=None,
                             poison=True)
-                ref = _merge_kernels.ties_kernel(xs, jnp.asarray(base), tbits, cuts, w,
+                ref = kernels.ties_kernel(xs, jnp.asarray(base), tbits, cuts, w,
                                                  dtype(1), **args)
-                got = _merge_kernels.ties_kernel(xs, jnp.asarray(base), bounds, cuts, w,
+                got = kernels.ties_kernel(xs, jnp.asarray(base), bounds, cuts, w,
                                                  dtype(1), by_position=False, **args)
                 np.testing.assert_array_equal(np.asarray(got).view(utype),
                                               np.asarray(ref).view(utype))
     # A cut inside the ties at a nonzero threshold needs the positions.
-    assert _merge_kernels.strict_bounds(np.asarray([bits(0.25)], utype),
+    assert kernels.strict_bounds(np.asarray([bits(0.25)], utype),
                                         np.asarray([7], np.uint32)) is None
 
 
@@ -396,37 +396,37 @@ def test_ties_strict_bounds_match_position_tie_break(dtype):
 def test_ties_host_sample_equals_device_sample(dtype, stacked):
     """Host-resident leaves are sampled by numpy: the same bits as the XLA kernel."""
     rng = np.random.default_rng(8)
-    shape = (_merge_trim.EXACT // 64 + 3, 96)
+    shape = (ties_threshold.EXACT // 64 + 3, 96)
     base = {"w": rng.standard_normal(shape).astype(dtype)}
     models = [{"w": (rng.standard_normal(shape) * 0.1 + base["w"]).astype(dtype)}
               for _ in range(3)]
     if stacked:
         models = {"w": np.stack([m["w"] for m in models])}
     with jax.enable_x64(dtype == np.float64):
-        prep = M._prepare(models, base, need_base=True, stacked=stacked)
+        prep = methods._prepare(models, base, need_base=True, stacked=stacked)
         (leaf,) = prep.leaves
-        host = _merge_trim._host_views(leaf)
+        host = ties_threshold._host_views(leaf)
         assert host is not None
-        rows = _merge_trim._positions(leaf.size // 32, 512)
-        got = _merge_trim._host_block_sample(*host, rows, 32)
-        want = np.asarray(_merge_kernels.block_sample_bits_kernel(
+        rows = ties_threshold._positions(leaf.size // 32, 512)
+        got = ties_threshold._host_block_sample(*host, rows, 32)
+        want = np.asarray(kernels.block_sample_bits_kernel(
             leaf.inputs, leaf.base, rows, stacked=stacked, block=32))
     np.testing.assert_array_equal(got, want)
     # Non-contiguous host arrays take the device path.
     leaf_t = dataclasses.replace(leaf, base=np.asarray(leaf.base).T)
-    assert _merge_trim._host_views(leaf_t) is None
+    assert ties_threshold._host_views(leaf_t) is None
 
 
 def test_ties_bracket_miss_falls_back_to_exact(monkeypatch):
     rng = np.random.default_rng(4)
-    base = {"w": rng.standard_normal((_merge_trim.EXACT // 100 + 1, 101)).astype(np.float32)}
+    base = {"w": rng.standard_normal((ties_threshold.EXACT // 100 + 1, 101)).astype(np.float32)}
     models = [{"w": base["w"] + rng.standard_normal(base["w"].shape).astype(np.float32)}
               for _ in range(2)]
     want = _ties_reference(models, base, [0.3, 0.3], [1.0, 1.0])["w"]
     # A bracket that can never contain the k-th magnitude.
     never = lambda vals, *a: (vals.dtype.type(0), vals.dtype.type(1))  # noqa: E731
-    monkeypatch.setattr(_merge_trim, "_bracket_uniform", never)
-    monkeypatch.setattr(_merge_trim, "_bracket", never)
+    monkeypatch.setattr(ties_threshold, "_bracket_uniform", never)
+    monkeypatch.setattr(ties_threshold, "_bracket", never)
     got = M.ties(models, base, 0.3)
     np.testing.assert_array_equal(np.asarray(got["w"]), want)
     got = M.ties(models, base, 0.3, trim="model")  # one leaf: same as per tensor
@@ -440,7 +440,7 @@ def test_order_stats_equal_a_full_partition(size):
     vals = (np.abs(rng.standard_normal(size)) * (rng.random(size) < 0.7)).astype(
         np.float32).view(np.uint32)
     for ranks in ([0], [size - 1], [size // 2, size // 3], [size - 5, 7, size // 4]):
-        np.testing.assert_array_equal(_merge_trim._order_stats(vals, ranks),
+        np.testing.assert_array_equal(ties_threshold._order_stats(vals, ranks),
                                       np.partition(vals, ranks)[ranks], err_msg=str(ranks))
 
 
@@ -453,8 +453,8 @@ def test_sample_variance_sees_correlated_blocks():
     clumped = np.repeat(rng.random(s // block), block).astype(np.float32).view(np.uint32)
     q = k / n
     binomial = n * n / s * q * (1 - q)
-    assert _merge_trim._sample_variance(iid, n, k, block) == pytest.approx(binomial, rel=0.1)
-    assert _merge_trim._sample_variance(clumped, n, k, block) > 0.5 * block * binomial
+    assert ties_threshold._sample_variance(iid, n, k, block) == pytest.approx(binomial, rel=0.1)
+    assert ties_threshold._sample_variance(clumped, n, k, block) > 0.5 * block * binomial
 
 
 @pytest.mark.parametrize("rows_scaled", [False, True])
@@ -463,14 +463,14 @@ def test_ties_bracket_holds_on_typical_tensors(monkeypatch, rows_scaled):
     costs a full search): for i.i.d. deltas, and for deltas whose scale varies
     by row (what makes magnitudes within a sampled block correlate)."""
     rng = np.random.default_rng(6)
-    shape = (_merge_trim.EXACT // 128 + 3, 256)
+    shape = (ties_threshold.EXACT // 128 + 3, 256)
     scale = np.exp(rng.standard_normal((shape[0], 1))) if rows_scaled else 1.0
     base = {"w": rng.standard_normal(shape).astype(np.float32)}
     models = [{"w": (base["w"] + scale * 0.01 * rng.standard_normal(shape)
                      * (rng.random(shape) < 0.7)).astype(np.float32)} for _ in range(4)]
     exact_searches = []
-    orig = _merge_trim._solve_job_exact
-    monkeypatch.setattr(_merge_trim, "_solve_job_exact",
+    orig = ties_threshold._solve_job_exact
+    monkeypatch.setattr(ties_threshold, "_solve_job_exact",
                         lambda job: (exact_searches.append(job.leaf.name), orig(job))[1])
     got = M.ties(models, base, [0.05, 0.2, 0.5, 0.9])
     assert exact_searches == []
@@ -570,12 +570,12 @@ def test_k_trees_are_never_stacked(setup, monkeypatch):
     seen = []
     for name in ("average_kernel", "select_kernel", "resample_kernel", "ties_kernel",
                  "dare_kernel", "task_arithmetic_kernel"):
-        orig = getattr(_merge_kernels, name)
+        orig = getattr(kernels, name)
 
         def spy(inputs, *a, _orig=orig, **kw):
             seen.append(type(inputs))
             return _orig(inputs, *a, **kw)
-        monkeypatch.setattr(_merge_kernels, name, spy)
+        monkeypatch.setattr(kernels, name, spy)
     M.average(models)
     M.select(models, key=KEY, base=base, resample=1)
     M.task_arithmetic(models, base)
@@ -643,11 +643,11 @@ def test_ties_sampled_search_same_on_sharded_and_host_leaves():
     leaves and with XLA for sharded ones: the results are the same bits."""
     assert jax.device_count() == 8
     rng = np.random.default_rng(6)
-    base = {"w": rng.standard_normal((_merge_trim.EXACT // 256 + 8, 256)).astype(np.float32)}
+    base = {"w": rng.standard_normal((ties_threshold.EXACT // 256 + 8, 256)).astype(np.float32)}
     models = [_finetune(rng, base) for _ in range(3)]
     sh = NamedSharding(jax.make_mesh((8,), ("x",)), P("x", None))
     put = lambda t: jax.tree.map(lambda x: jax.device_put(x, sh), t)  # noqa: E731
-    assert _merge_trim._host_views(M._prepare([put(m) for m in models], put(base),
+    assert ties_threshold._host_views(methods._prepare([put(m) for m in models], put(base),
                                               need_base=True).leaves[0]) is None
     want = M.ties(models, base, [0.2, 0.5, 0.05])
     got = M.ties([put(m) for m in models], put(base), [0.2, 0.5, 0.05])
@@ -696,13 +696,13 @@ def test_staged_path_matches_whole_leaf_kernels(monkeypatch, dtype, numpy_in):
         base = jax.tree.map(jnp.asarray, base)
         models = [jax.tree.map(jnp.asarray, m) for m in models]
     stack = np.stack if numpy_in else jnp.stack
-    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 2**40)
+    monkeypatch.setattr(host_staging, "MIN_SIZE", 2**40)
     want = _all_methods_kw(models, base)
-    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 64)
-    monkeypatch.setattr(_merge_stage, "CHUNK", 64)
+    monkeypatch.setattr(host_staging, "MIN_SIZE", 64)
+    monkeypatch.setattr(host_staging, "CHUNK", 64)
     jobs = []
-    orig_add = _merge_stage.Stager.add
-    monkeypatch.setattr(_merge_stage.Stager, "add", lambda self, leaf, *a, **k: (
+    orig_add = host_staging.Stager.add
+    monkeypatch.setattr(host_staging.Stager, "add", lambda self, leaf, *a, **k: (
         jobs.append(leaf.name), orig_add(self, leaf, *a, **k))[1])
     for got in (_all_methods_kw(models, base),
                 _all_methods_kw(jax.tree.map(lambda *xs: stack(xs), *models), base,
@@ -730,15 +730,15 @@ def test_chunk_grid_covers_the_leaf_on_aligned_starts(monkeypatch, itemsize):
     """With numpy views the full chunks start on the first operand's 64-byte
     boundaries (zero-copy kernel arguments); MINI chunks cover the ends; every
     scalar is covered; without views the grid is the plain one."""
-    monkeypatch.setattr(_merge_stage, "CHUNK", 256)
-    monkeypatch.setattr(_merge_stage, "MINI", 64)
+    monkeypatch.setattr(host_staging, "CHUNK", 256)
+    monkeypatch.setattr(host_staging, "MINI", 64)
     dtype = {2: np.float16, 4: np.float32, 8: np.float64}[itemsize]
     for n in (256, 257, 256 + 17, 1000, 3 * 256 + 5, 4 * 256):
-        plain = _merge_stage.chunk_grid(n)
+        plain = host_staging.chunk_grid(n)
         assert plain == [(min(s, n - 256), 256) for s in range(0, n, 256)]
         for offset in range(0, 64, itemsize):
             view = _at_offset(np.zeros(n, dtype), offset)
-            grid = _merge_stage.chunk_grid(n, (view, None))
+            grid = host_staging.chunk_grid(n, (view, None))
             first = (-offset) % 64 // itemsize  # first aligned scalar
             covered = np.zeros(n, bool)
             for start, size in grid:
@@ -761,17 +761,17 @@ def test_staged_numpy_operands_at_any_alignment(monkeypatch, dtype):
     base = {"w": rng.standard_normal(shape).astype(dtype)}
     models = [{"w": (base["w"].astype(np.float32) + 0.05 * rng.standard_normal(shape)
                      * (rng.random(shape) < 0.6)).astype(dtype)} for _ in range(4)]
-    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 2**40)
+    monkeypatch.setattr(host_staging, "MIN_SIZE", 2**40)
     with jax.enable_x64(dtype == np.float64):
         want = _all_methods_kw(models, base)
-    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 64)
-    monkeypatch.setattr(_merge_stage, "CHUNK", 64)
+    monkeypatch.setattr(host_staging, "MIN_SIZE", 64)
+    monkeypatch.setattr(host_staging, "CHUNK", 64)
     itemsize = np.dtype(dtype).itemsize
     shifted = [{"w": _at_offset(m["w"], (16 + 16 * i) % 64 // itemsize * itemsize)}
                for i, m in enumerate(models)]
     shifted_base = {"w": _at_offset(base["w"], 8 // itemsize * itemsize)}
     seen = []
-    orig = _merge_kernels.chunk_kernel
+    orig = kernels.chunk_kernel
 
     def spy(stage, inputs, base, *a, chunk, **k):
         if k.get("sliced") and chunk == 64:
@@ -779,7 +779,7 @@ def test_staged_numpy_operands_at_any_alignment(monkeypatch, dtype):
                         if isinstance(x, np.ndarray))
         return orig(stage, inputs, base, *a, chunk=chunk, **k)
 
-    monkeypatch.setattr(_merge_kernels, "chunk_kernel", spy)
+    monkeypatch.setattr(kernels, "chunk_kernel", spy)
     got = _all_methods_kw(shifted, shifted_base)
     with jax.enable_x64(dtype == np.float64):  # stacked jax models, numpy base
         mixed = _all_methods_kw(_stack(models), shifted_base, stacked=True)
@@ -794,14 +794,14 @@ def test_staged_numpy_operands_at_any_alignment(monkeypatch, dtype):
 def test_staged_ties_labels_numpy_operands_in_chunks(monkeypatch, dtype):
     """TIES on a large host leaf with misaligned numpy operands labels it chunk by
     chunk (K = 5: two label groups) and equals brute force."""
-    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 1024)
-    monkeypatch.setattr(_merge_stage, "CHUNK", 1 << 14)
+    monkeypatch.setattr(host_staging, "MIN_SIZE", 1024)
+    monkeypatch.setattr(host_staging, "CHUNK", 1 << 14)
     calls = []
-    orig = _merge_kernels.chunk_kernel
-    monkeypatch.setattr(_merge_kernels, "chunk_kernel", lambda *a, **k: (
+    orig = kernels.chunk_kernel
+    monkeypatch.setattr(kernels, "chunk_kernel", lambda *a, **k: (
         calls.append(k["body"]), orig(*a, **k))[1])
     rng = np.random.default_rng(22)
-    shape = (_merge_trim.EXACT // 256 + 7, 300)
+    shape = (ties_threshold.EXACT // 256 + 7, 300)
     base = {"w": _at_offset(rng.standard_normal(shape).astype(dtype), 16)}
     models = [{"w": _at_offset((np.asarray(base["w"], np.float32) + 0.01 * rng.standard_normal(
         shape) * (rng.random(shape) < 0.7)).astype(dtype), 8 * i % 64)} for i in range(5)]
@@ -818,14 +818,14 @@ def test_sparse_flatnonzero_equals_numpy(n):
     rng = np.random.default_rng(n)
     for density in (0.0, 0.001, 0.035, 0.3, 0.9, 1.0):
         mask = rng.random(n) < density
-        got = _merge_trim.sparse_flatnonzero(mask)
+        got = ties_threshold.sparse_flatnonzero(mask)
         np.testing.assert_array_equal(got, np.flatnonzero(mask))
         assert got.dtype == np.flatnonzero(mask).dtype
 
 
 def test_staged_outputs_live_in_aligned_host_memory(monkeypatch):
-    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 64)
-    monkeypatch.setattr(_merge_stage, "CHUNK", 64)
+    monkeypatch.setattr(host_staging, "MIN_SIZE", 64)
+    monkeypatch.setattr(host_staging, "CHUNK", 64)
     models = [{"w": jnp.full((40, 30), float(i))} for i in range(3)]
     out = M.average(models)["w"]
     assert isinstance(out, jax.Array) and out.devices() == models[0]["w"].devices()
@@ -837,8 +837,8 @@ def test_staged_outputs_live_in_aligned_host_memory(monkeypatch):
 @pytest.mark.parametrize("method", ["average", "select", "resample", "task_arithmetic",
                                     "ties", "dare"])
 def test_staged_nonfinite_inputs(setup, monkeypatch, method):
-    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 8)
-    monkeypatch.setattr(_merge_stage, "CHUNK", 8)
+    monkeypatch.setattr(host_staging, "MIN_SIZE", 8)
+    monkeypatch.setattr(host_staging, "CHUNK", 8)
     test_nonfinite_inputs(setup, method)
 
 
@@ -848,8 +848,8 @@ def test_nonfinite_in_a_never_selected_model_is_detected(monkeypatch, staged, dt
     """The result only copies model 0 here, so only the poison term (not the
     selected values) can reveal model 3's inf."""
     if staged:
-        monkeypatch.setattr(_merge_stage, "MIN_SIZE", 64)
-        monkeypatch.setattr(_merge_stage, "CHUNK", 64)
+        monkeypatch.setattr(host_staging, "MIN_SIZE", 64)
+        monkeypatch.setattr(host_staging, "CHUNK", 64)
     models = [{"w": jnp.full((20, 10), float(i), dtype)} for i in range(4)]
     models[3] = {"w": models[3]["w"].at[5, 5].set(jnp.inf)}
     base = {"w": jnp.zeros((20, 10), dtype)}
@@ -863,24 +863,24 @@ def test_nonfinite_in_a_never_selected_model_is_detected(monkeypatch, staged, dt
 
 def test_staged_finite_check_tolerates_overflowing_sums():
     big = np.full(64, 3e38, np.float32)  # finite, but the sum overflows
-    assert _merge_stage.finite(big)
+    assert host_staging.finite(big)
     for bad in (np.nan, np.inf, -np.inf):
         v = big.copy()
         v[17] = bad
-        assert not _merge_stage.finite(v)
+        assert not host_staging.finite(v)
     half = np.ones(64, ml_dtypes.bfloat16)
-    assert _merge_stage.finite(half)
+    assert host_staging.finite(half)
     half[3] = np.inf
-    assert not _merge_stage.finite(half)
+    assert not host_staging.finite(half)
 
 
 def test_staged_ties_on_large_tensors_is_exact(monkeypatch):
     """Tensors above the exact-solve size take the sampled-bracket search; their
     final pass runs staged; both scopes equal the brute-force reference."""
-    monkeypatch.setattr(_merge_stage, "MIN_SIZE", 1024)
-    monkeypatch.setattr(_merge_stage, "CHUNK", 1 << 14)
+    monkeypatch.setattr(host_staging, "MIN_SIZE", 1024)
+    monkeypatch.setattr(host_staging, "CHUNK", 1 << 14)
     rng = np.random.default_rng(12)
-    shapes = {"big": (_merge_trim.EXACT // 256 + 7, 300), "small": (33, 5)}
+    shapes = {"big": (ties_threshold.EXACT // 256 + 7, 300), "small": (33, 5)}
     base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     models = [{n: b + (0.01 * rng.standard_normal(b.shape) * (rng.random(b.shape) < 0.7)
                        ).astype(np.float32) for n, b in base.items()} for _ in range(3)]
@@ -899,7 +899,7 @@ def test_sampled_ties_search_is_exact_for_every_layout(dtype, layout):
     """The sampled search on host leaves (numpy samples and gathers; K = 5 needs
     two label groups) equals brute force for every input layout."""
     rng = np.random.default_rng(13)
-    shape = (_merge_trim.EXACT // 256 + 7, 300)
+    shape = (ties_threshold.EXACT // 256 + 7, 300)
     base = {"w": rng.standard_normal(shape).astype(dtype)}
     models = [{"w": (np.asarray(base["w"], np.float32) + 0.01 * rng.standard_normal(shape)
                      * (rng.random(shape) < 0.7)).astype(dtype)} for _ in range(5)]
@@ -920,9 +920,9 @@ def no_kernels(monkeypatch):
     """Makes any kernel call fail, to show validation happens before computation."""
     def boom(*a, **k):
         raise AssertionError("a kernel ran before the input was rejected")
-    for name in dir(_merge_kernels):
+    for name in dir(kernels):
         if name.endswith("_kernel"):
-            monkeypatch.setattr(_merge_kernels, name, boom)
+            monkeypatch.setattr(kernels, name, boom)
 
 
 def test_structure_errors_name_the_leaf(setup, no_kernels):
@@ -1091,7 +1091,7 @@ def test_allow_nonfinite_merges_the_values_and_propagates_nan(method):
 
 def test_registry_dispatch(setup, monkeypatch):
     base, models = setup
-    monkeypatch.setattr(M, "_METHODS", dict(M._METHODS))  # keep the registry clean
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # keep the registry clean
     assert {"average", "select", "task_arithmetic", "ties", "dare", "dare_linear",
             "dare_ties", "linear"} <= set(M.available_methods())
     _assert_trees_identical(M.merge("linear", models), M.average(models))
@@ -1228,24 +1228,24 @@ def test_ties_tie_heavy_exact_and_counted(monkeypatch, path, dtype, scope):
     counted, not gathered: the entries gathered for the exact selection stay a
     small share of the tensor, as for distinct magnitudes."""
     if path in ("device", "stacked"):  # XLA samples, gathers and recomputes the tie blocks
-        monkeypatch.setattr(_merge_trim, "_host_views", lambda leaf: None)
+        monkeypatch.setattr(ties_threshold, "_host_views", lambda leaf: None)
     if path == "staged":  # numpy operands labelled chunk by chunk
-        monkeypatch.setattr(_merge_stage, "MIN_SIZE", 1024)
-        monkeypatch.setattr(_merge_stage, "CHUNK", 1 << 14)
+        monkeypatch.setattr(host_staging, "MIN_SIZE", 1024)
+        monkeypatch.setattr(host_staging, "CHUNK", 1 << 14)
     gathered, modes, found = [], [], []
-    solve, tie_mode, find = _merge_trim._solve, _merge_trim._tie_mode, _merge_trim._find_tie
-    monkeypatch.setattr(_merge_trim, "_find_tie", lambda *a: (
+    solve, tie_mode, find = ties_threshold._solve, ties_threshold._tie_mode, ties_threshold._find_tie
+    monkeypatch.setattr(ties_threshold, "_find_tie", lambda *a: (
         found.append(a[-1]), find(*a))[1])
-    layouts, make_layouts = set(), _merge_trim._layouts
-    monkeypatch.setattr(_merge_trim, "_layouts", lambda *a: (
+    layouts, make_layouts = set(), ties_threshold._layouts
+    monkeypatch.setattr(ties_threshold, "_layouts", lambda *a: (
         lambda out: (layouts.update(out), out)[1])(make_layouts(*a)))
-    monkeypatch.setattr(_merge_trim, "_solve", lambda parts, *a: (
+    monkeypatch.setattr(ties_threshold, "_solve", lambda parts, *a: (
         gathered.append((sum(len(p.vals) for p in parts), sum(p.n for p in parts))),
         solve(parts, *a))[1])
-    monkeypatch.setattr(_merge_trim, "_tie_mode", lambda s, lo, hi, *sub: (
+    monkeypatch.setattr(ties_threshold, "_tie_mode", lambda s, lo, hi, *sub: (
         modes.append((bool(tie_mode(s, lo, hi, *sub)), lo == hi)), tie_mode(s, lo, hi, *sub))[1])
     rng = np.random.default_rng(31)
-    big = (_merge_trim.EXACT // 256 + 7, 300)
+    big = (ties_threshold.EXACT // 256 + 7, 300)
     shapes = {"a": big, "b": big, "small": (33, 5)}
     base, models = _tie_heavy_models(dtype, rng, shapes, 4)
     # 0.3 and 0.8 sit on class boundaries of the float32 deltas, 0.45 and 0.05 inside.
@@ -1270,5 +1270,5 @@ def test_ties_tie_heavy_exact_and_counted(monkeypatch, path, dtype, scope):
     canonical = set(make_layouts(range(4), lo, hi, [False] * 4))
     canonical |= set(make_layouts(range(4), lo, hi, [True] * 4))
     assert len(canonical) == 3 and layouts <= canonical, layouts
-    big_solves = [(g, n) for g, n in gathered if n > _merge_trim.EXACT]
+    big_solves = [(g, n) for g, n in gathered if n > ties_threshold.EXACT]
     assert big_solves and all(g <= n // 50 for g, n in big_solves), big_solves

@@ -9,7 +9,7 @@ tests/test_merge_stats.py check that the rule itself has the distribution METHOD
 import numpy as np
 import pytest
 
-from psm import _merge_kernels as K
+from psm.merge import kernels as K
 
 # lowbias32 (Chris Wellons), the hash `draw` documents.
 M1, M2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)

@@ -1,4 +1,4 @@
-"""The streaming merge (`psm.merge_stream`, `python -m psm.merge`).
+"""The streaming merge (`psm.merge.streaming`, `python -m psm.merge`).
 
 Every output is compared with `psm.merge` applied in memory to the whole
 checkpoints, loaded by an independent reader (`safetensors.numpy.load_file`,
@@ -22,8 +22,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from psm import merge as M
-from psm import merge_cli
-from psm import merge_stream as S
+from psm.merge import __main__ as merge_cli
+from psm.merge import streaming as S
 from psm.models.llama import LlamaConfig
 from psm.models.safetensors_io import save_safetensors
 
@@ -458,8 +458,8 @@ def test_orbax_round_trips(hf, tmp_path):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A psm training workdir: K stacked replicas in checkpoints/<step>, the base in base/."""
-    from psm import checkpoint, replicas
-    from psm.pretrain import init_params
+    from psm.training import checkpoint, replicas
+    from psm.training.pretrain import init_params
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2, max_seq_len=32)
     root = tmp_path_factory.mktemp("workdir")
@@ -533,7 +533,7 @@ def test_workdir_to_orbax_and_hf_base(workdir, tmp_path):
 def test_replica_sharded_workdir_reads_one_replica_at_a_time(tmp_path):
     """Saved sharded over replicas, each replica is its own chunk: slices are read alone."""
     from jax.sharding import NamedSharding, PartitionSpec
-    from psm import checkpoint
+    from psm.training import checkpoint
     mesh = jax.make_mesh((K,), ("replica",))
     rng = np.random.default_rng(3)
     params = {"dense": {"kernel": rng.standard_normal((K, 40, 24)).astype(np.float32)},
@@ -586,10 +586,10 @@ def test_workdir_of_a_pretrained_hf_model(workdir, tmp_path):
 def test_scan_layout_workdir(tmp_path):
     """Replicas trained with stacked layers ([K, L, ...] leaves): the HF output has one
     tensor per layer, and a HF base is stacked into the scan layout to serve them."""
-    from psm import checkpoint, replicas
+    from psm.training import checkpoint, replicas
     from psm.models import llama
     from psm.models.hf_llama import load_hf_llama, save_hf_llama
-    from psm.pretrain import init_params
+    from psm.training.pretrain import init_params
     cfg = LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_layers=3,
                       num_heads=4, num_kv_heads=2, max_seq_len=32, scan_layers=True)
     _, base = init_params(cfg, 1)

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from psm import trainer
+from psm.training import trainer
 from psm.data.builders.base import MissingDataError
 
 pytest.importorskip("gguf")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from psm import base_model, evaluate, replicas, report, trainer
+from psm import evaluate
+from psm.training import base_model, replicas, report, trainer
 from psm.data import tasks
 from psm.evaluation import lm, runner
 from tiny_config import tiny_test_config

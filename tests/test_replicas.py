@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from psm import replicas
+from psm.training import replicas
 from psm.models.llama import Llama, LlamaConfig
 
 CFG = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2,

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from configs import tiny
-from psm import trainer
+from psm.training import trainer
 
 
 def _config():

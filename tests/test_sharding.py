@@ -1,5 +1,5 @@
 """The same steps on 1 device and on (replica, fsdp, tensor) meshes of 8 CPU devices,
-with every parameter placed where psm.sharding.LOGICAL_RULES says."""
+with every parameter placed where psm.training.sharding.LOGICAL_RULES says."""
 
 import functools
 import warnings
@@ -11,7 +11,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
-from psm import merge, replicas, sharding
+from psm import merge
+from psm.training import replicas, sharding
 from psm.models.llama import Llama, LlamaConfig
 
 CFG = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2,

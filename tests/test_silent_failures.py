@@ -16,12 +16,12 @@ import pytest
 
 from psm import atomic_out
 from psm import evaluate as ev
-from psm import merge_stream as S
+from psm.merge import streaming as S
 from psm.data import jsonl, sources
 from psm.models import convert
 from psm.models.hf_llama import load_hf_llama, save_hf_llama
 from psm.models.llama import LlamaConfig
-from psm.pretrain import init_params
+from psm.training.pretrain import init_params
 
 # ---- the data cache is keyed by the source files -------------------------------------------
 

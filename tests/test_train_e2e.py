@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from psm import trainer
+from psm.training import trainer
 from psm.data import orders
 from tiny_config import tiny_test_config
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from psm import replicas
+from psm.training import replicas
 from psm.evaluation import lm
 
 

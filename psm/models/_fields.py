@@ -36,7 +36,7 @@ def check_dtype_names(config) -> None:
 def axes(*names: str) -> dict:
     """Variable metadata naming a parameter's logical axes, e.g. `("embed", "mlp")`.
 
-    Read by `psm.sharding` (LOGICAL_RULES map the names to mesh axes), which
+    Read by `psm.training.sharding` (LOGICAL_RULES map the names to mesh axes), which
     places the stacked state; `eager_sharding=False` keeps Flax from sharding
     at creation, so a model built outside any mesh stays valid.
     """

@@ -18,7 +18,7 @@ Parameter tree (kernels `[in, out]`, the transpose of HF's `[out, in]`):
 
 Every parameter names its axes in Flax sharding metadata (`embed` D, `heads`
 the D = H*hd attention features, `mlp` F, `vocab` V, `norm`, and the
-unsharded `positions`, `types`, `pooled`, `classes`); `psm.sharding` maps
+unsharded `positions`, `types`, `pooled`, `classes`); `psm.training.sharding` maps
 them to mesh axes. The names change neither the computation nor the
 checkpoint format.
 

@@ -19,7 +19,7 @@ kernels are stored `[in, out]`, the transpose of HF's `[out, in]`):
 Every parameter carries the logical names of its axes as Flax sharding
 metadata (`out_sharding`, not applied at creation): `embed` (D), `heads`
 (H*hd), `kv_heads` (KV*hd), `mlp` (F), `vocab` (V), `norm` (norm scales) and
-`layers` (the scan axis). `psm.sharding.LOGICAL_RULES` maps them to mesh axes;
+`layers` (the scan axis). `psm.training.sharding.LOGICAL_RULES` maps them to mesh axes;
 the names change neither the computation nor the checkpoint format.
 
 This per-layer ("list") layout is the canonical one: converters, exports and

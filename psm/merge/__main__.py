@@ -1,6 +1,6 @@
 """Command line of the streaming merge: `python -m psm.merge --models=a,b --method=...`.
 
-Merges checkpoints on disk tensor by tensor (`psm.merge_stream`), so models
+Merges checkpoints on disk tensor by tensor (`psm.merge.streaming`), so models
 larger than memory can be merged:
 
     python -m psm.merge --models=ft1,ft2,ft3 --base=base --method=select \\
@@ -22,7 +22,8 @@ import importlib.util
 import os
 import sys
 
-from psm import cli, merge_stream
+from psm import cli
+from psm.merge import streaming
 
 _DEFAULTS = {"method": None, "models": None, "base": None, "out": None, "seed": 0,
              "format": "safetensors", "dtype": None, "shard_size": "5GB", "overwrite": False,
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", help="destination folder (refused if it exists, unless --overwrite)")
     add("--seed", type=int, help="random key seed of select and dare (default 0)")
     add("--format", choices=("safetensors", "orbax"), help="output format (default safetensors)")
-    add("--dtype", choices=sorted(merge_stream.DTYPE_NAMES),
+    add("--dtype", choices=sorted(streaming.DTYPE_NAMES),
         help="cast every floating input tensor to this dtype (also the output dtype)")
     add("--shard-size", "--shard_size", dest="shard_size",
         help="largest safetensors shard, e.g. 5GB (default), 500MB, or bytes")
@@ -141,9 +142,9 @@ def run(argv=None) -> dict:
     s = settings(argv)
     options = {k: s[k] for k in _OPTIONS}
     cache = s["compile_cache"]
-    with merge_stream.compile_cache(merge_stream.default_compile_cache() if cache is None
+    with streaming.compile_cache(streaming.default_compile_cache() if cache is None
                                     else cache):
-        return merge_stream.merge_checkpoints(
+        return streaming.merge_checkpoints(
             s["models"], s["out"], method=s["method"], base=s["base"], seed=s["seed"],
             options=options, fmt=s["format"], dtype=s["dtype"], shard_size=s["shard_size"],
             overwrite=bool(s["overwrite"]), progress=bool(s["progress"]))

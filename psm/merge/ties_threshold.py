@@ -51,8 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psm import _merge_kernels as K
-from psm import _merge_stage
+from psm.merge import kernels as K
+from psm.merge import host_staging
 
 SAMPLE = 1 << 17      # sampled positions per tensor (per-tensor scope), at most ...
 SAMPLE_SHARE = 16     # ... 1/SAMPLE_SHARE of the tensor, and at least SAMPLE_MIN
@@ -407,16 +407,16 @@ def _host_views(leaf):
     """(K flat numpy views of the inputs, flat view of the base, compute dtype)
     when the leaf's inputs and base are C-contiguous arrays in host memory
     (numpy, or `jax.Array`s on one CPU device: no copy), else None."""
-    if any(_merge_stage.host_device(a) is None for a in leaf.arrays):
+    if any(host_staging.host_device(a) is None for a in leaf.arrays):
         return None
     if not all(np.asarray(a).flags.c_contiguous for a in leaf.arrays):
         return None  # flat_views would copy
-    *xs, base = _merge_stage.flat_views(leaf, leaf.base)
+    *xs, base = host_staging.flat_views(leaf, leaf.base)
     return xs, base, K.compute_dtype(leaf.dtype)
 
 
 def _host_block_sample(xs, base, ct, rows, block):
-    """`_merge_kernels.block_sample_bits_kernel` computed by numpy on host-resident
+    """`kernels.block_sample_bits_kernel` computed by numpy on host-resident
     arrays, `[K, len(rows) * block]`: the same bits, at a third of the wall time
     and a fifth of the CPU time on a 2-core machine (the sample is bound by
     memory latency: XLA keeps its threads busy waiting; numpy's row `take`
@@ -451,7 +451,7 @@ def _decode_and_gather(job, k_models, x64: bool, scratch: _Scratch):
 
 def _host_gather(parts, xs, base, ct):
     """Sets every part's vals: model i's magnitude bits at its inside positions
-    (the same bits as `_merge_kernels.gather_bits_kernel`)."""
+    (the same bits as `kernels.gather_bits_kernel`)."""
     for i, p in parts.items():
         v = np.take(xs[i], p.idx).astype(ct, copy=False)  # fresh: written in place below
         np.subtract(v, np.take(base, p.idx).astype(ct, copy=False), out=v)
@@ -562,18 +562,18 @@ def _label_dispatch(leaf, base, lo, hi, models, tie=None):
     `_layouts`), the labels a uint8 array, or [(start, uint8 chunk)] for host
     leaves with numpy operands (labelled chunk by chunk, so that XLA reads the
     numpy memory in place rather than copying every operand: see
-    `_merge_stage`). tie: `[K]` bools (`_tie_mode`), default all False."""
+    `host_staging`). tie: `[K]` bools (`_tie_mode`), default all False."""
     tie = np.zeros(len(lo), bool) if tie is None else np.asarray(tie, bool)
     args = _label_args(lo, hi, tie)
-    views = _merge_stage.numpy_views(leaf, base) if _merge_stage.accepts(leaf) else None
+    views = host_staging.numpy_views(leaf, base) if host_staging.accepts(leaf) else None
     out = []
     for layout in _layouts(models, lo, hi, tie):
         if views is None:
             out.append((layout, K.code_kernel(leaf.inputs, base, *args,
                                               stacked=leaf.xs is None, models=layout)))
             continue
-        chunks, device = [], _merge_stage.host_device(leaf.arrays[0])
-        for start, size in _merge_stage.chunk_grid(leaf.size, views):
+        chunks, device = [], host_staging.host_device(leaf.arrays[0])
+        for start, size in host_staging.chunk_grid(leaf.size, views):
             ops = [None if v is None else v[start:start + size] for v in views]
             stage = jnp.zeros(size, jnp.uint8, device=device)  # commits the kernel to it
             chunks.append((start, K.chunk_kernel(
@@ -702,7 +702,7 @@ def _range_bits(leaf, i, start, stop) -> np.ndarray:
     k_models = leaf.stacked.shape[0] if leaf.xs is None else len(leaf.xs)
     pos = np.zeros((k_models, stop - start), np.int32)
     pos[i] = np.arange(start, stop, dtype=np.int32)
-    with _merge_stage.x64_if_needed(leaf.dtype):
+    with host_staging.x64_if_needed(leaf.dtype):
         return np.asarray(K.gather_bits_kernel(leaf.inputs, leaf.base, pos,
                                                stacked=leaf.xs is None))[i]
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from psm import _merge_stage
+from psm.merge import host_staging
 
 # Largest leaf (in elements) whose scalars can be numbered by a uint32 counter.
 MAX_LEAF_SIZE = 2**32 - 2
@@ -338,9 +338,9 @@ def equal_leaf(leaf: LeafInputs, k: int):
 
 def all_finite(x) -> bool:
     """True where every element of x is finite (CPU arrays: checked on the host
-    through a zero-copy view, see `_merge_stage.finite`)."""
+    through a zero-copy view, see `host_staging.finite`)."""
     if isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.devices()):
-        return _merge_stage.finite(np.asarray(x).reshape(-1))
+        return host_staging.finite(np.asarray(x).reshape(-1))
     return bool(jax.jit(lambda a: jnp.isfinite(a).all())(x))
 
 

@@ -97,7 +97,7 @@ def _label(name: str, row: dict) -> str:
 
 
 def format_barrier(barrier: dict) -> str:
-    """Merge-readiness lines: loss barriers and task-vector geometry (`psm.diagnostics`)."""
+    """Merge-readiness lines: loss barriers and task-vector geometry (`psm.training.diagnostics`)."""
     grid = ", ".join(f"{t:g}" for t in barrier["grid"])
     lines = [f"merge readiness: validation loss on straight lines (t = {grid}); barrier = max_t "
              "[L(t) - chord], ~0: one basin, large: merging expected to hurt"]

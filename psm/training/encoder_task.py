@@ -1,8 +1,8 @@
 """GLUE sequence classification and regression with a BERT encoder, for the replica trainer.
 
-`psm.trainer` takes this path when `config.task.head` is 'classification' or
+`psm.training.trainer` takes this path when `config.task.head` is 'classification' or
 'regression' (configs/glue_bert.py). Everything else of a run is the decoder
-path's: the vmapped K-replica step (`psm.replicas`, with the loss below), data
+path's: the vmapped K-replica step (`psm.training.replicas`, with the loss below), data
 orders, checkpoints, merges, per-sample records and the imbalance report. What
 differs lives here:
 
@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from psm import replicas
+from psm.training import replicas
 from psm.evaluation import glue, lm
 from psm.models import bert, hf_bert, registry
 from psm.models._fields import DTYPES
@@ -229,7 +229,7 @@ def mean_loss(graphdef, params, batch) -> jax.Array:
 
 def make_train_step(graphdef, tx, state_sharding=None, batch_sharding=None,
                     opt_sharding=None):
-    """`psm.replicas.make_train_step` with the encoder loss."""
+    """`psm.training.replicas.make_train_step` with the encoder loss."""
     return replicas.make_train_step(graphdef, tx, state_sharding, batch_sharding,
                                     opt_sharding, loss_fn=mean_loss)
 

@@ -18,14 +18,15 @@ import logging
 from flax import nnx
 from tqdm import tqdm
 
-from psm import (base_model, checkpoint, diagnostics, encoder_task, imbalance, merge, replicas,
-                 report, sharding)
-from psm import workdir as wd
+from psm import imbalance, merge
 from psm.data import orders, paper_tasks, tasks
 from psm.evaluation import lm, runner
 from psm.models import hf_llama, registry
 from psm.models._fields import DTYPES
-from psm.metrics import MetricWriter, read_metrics
+from psm.training import (base_model, checkpoint, diagnostics, encoder_task, replicas, report,
+                          sharding)
+from psm.training import workdir as wd
+from psm.training.metrics import MetricWriter, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +393,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ----------------------------------------------------- replicas and mesh
     # (replica, fsdp, tensor): each replica's parameters and Adam state are split
-    # by psm.sharding.LOGICAL_RULES inside its replica group.
+    # by psm.training.sharding.LOGICAL_RULES inside its replica group.
     mesh = sharding.mesh_from_config(config, batch_size)
     batch_sh = sharding.batch_sharding(mesh)
     tx, lr_schedule = make_optimizer(config, total_steps)
@@ -592,7 +593,7 @@ def _score_models(config, graphdef, eval_step, eval_k, merged: dict, base, task,
 
 
 def _barrier_report(config, val_loss_fn, stored_k, stored_base, merged: dict, base) -> dict:
-    """Merge-readiness diagnostics (`psm.diagnostics`) of the stored replicas.
+    """Merge-readiness diagnostics (`psm.training.diagnostics`) of the stored replicas.
 
     The straight lines run between the stored replicas (and their stored
     average) cast to the training dtype of `base`, so that interpolated models

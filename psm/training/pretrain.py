@@ -17,7 +17,7 @@ import logging
 from flax import nnx
 from tqdm import tqdm
 
-from psm import checkpoint, replicas
+from psm.training import checkpoint, replicas
 from psm.data import synthetic, tasks
 from psm.models.llama import Llama, LlamaConfig
 

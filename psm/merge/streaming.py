@@ -62,7 +62,7 @@ import ml_dtypes
 import numpy as np
 
 from psm import atomic_out
-from psm import merge as M
+from psm.merge import methods as M
 from psm.models.safetensors_io import INDEX_FILE, SINGLE_FILE, shard_file_names
 
 # ---- dtypes ----------------------------------------------------------------------------
@@ -906,7 +906,7 @@ def compile_cache(path: str | None):
     """JAX's persistent compilation cache in folder `path` while the block runs.
 
     A merge's kernels depend on the method, the dtypes and (for tensors below
-    `psm._merge_stage.MIN_SIZE` scalars, merged whole) the tensor shapes, not on
+    `psm.merge.host_staging.MIN_SIZE` scalars, merged whole) the tensor shapes, not on
     the data, so a rerun on checkpoints of the same architecture finds every
     executable on disk instead of compiling it (XLA compiles each in 0.05-0.5 s;
     JAX caches by default only those that took over a second). Every

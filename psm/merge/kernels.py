@@ -9,7 +9,7 @@ the flat index of each scalar) wrapped two ways:
   (`stacked=True`, sliced inside the jit so XLA fuses the slices), and computes
   the merged leaf in one fused pass; used for sharded or accelerator arrays;
 - `chunk_kernel`, which computes `chunk` consecutive scalars (row-major) of a
-  leaf into a donated buffer; `psm._merge_stage` uses it to merge host-resident
+  leaf into a donated buffer; `psm.merge.host_staging` uses it to merge host-resident
   leaves chunk by chunk into huge-page-backed host memory.
 
 Both apply the same body to the same values, so they give the same bits.
@@ -65,7 +65,7 @@ def stream_seeds(key, words, stream):
     s0 = random.bits(leaf_key, (), uint32) is the leaf's word, shared by all its
     streams; s1 = random.bits(fold_in(leaf_key, stream), (), uint32) is the
     stream's own; leaf_key = fold_in(fold_in(key, w0), w1) with (w0, w1) the
-    leaf's name words (see `_merge_tree.name_words`). Sharing s0 lets a kernel
+    leaf's name words (see `leaf_inputs.name_words`). Sharing s0 lets a kernel
     that needs several streams at once (DARE: one per model) hash the first
     round once (see `draws`).
     """
@@ -388,7 +388,7 @@ def _code_body(xs, base, ctr, hi, mid_lo, mid_hi, lo, *, models):
     """Bracket labels of several models packed in one uint8 per scalar.
 
     models: per model (i, above bit, == hi bit, inside bit, == lo bit), -1 for a
-    label not wanted (see `_merge_trim._layouts`). With u = model i's magnitude
+    label not wanted (see `ties_threshold._layouts`). With u = model i's magnitude
     bits, the labels are u > hi_i, u == hi_i, mid_lo_i <= u <= mid_hi_i and
     u == lo_i.
     """
@@ -483,7 +483,7 @@ def dare_kernel(inputs, base, seeds, offset, drop_thr, factors, weights, scale, 
     return _constrain(out, out_sharding)
 
 
-# ---- chunked kernel (host-resident leaves; see psm._merge_stage) ---------------------
+# ---- chunked kernel (host-resident leaves; see psm.merge.host_staging) ---------------------
 
 BODIES = {
     "average": _average_body,
@@ -543,7 +543,7 @@ def chunk_kernel(stage, inputs, base, start, offset, args, *, body, stacked, chu
     return BODIES[body](xs, b, ctr, *args, **dict(static))
 
 
-# ---- helpers of the exact TIES threshold search (see _merge_trim) ----------------
+# ---- helpers of the exact TIES threshold search (see ties_threshold) ----------------
 
 def _flat(x):
     """x flattened; explicitly sharded arrays are gathered first (explicit

@@ -8,7 +8,7 @@ not advise them; numpy does, for large arrays (which is why an allocating
 `np.copy` is fast). So a leaf that lives in host memory (numpy, or a
 single-device CPU `jax.Array`) and is large enough is merged chunk by chunk:
 
-- XLA computes each chunk (`_merge_kernels.chunk_kernel`) into one of two
+- XLA computes each chunk (`kernels.chunk_kernel`) into one of two
   donated staging buffers, which are recycled from chunk to chunk and leaf to
   leaf, so they stay in cache and never fault;
 - while XLA computes the next chunk, a worker thread copies the finished one
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psm import _merge_kernels as K
+from psm.merge import kernels as K
 
 CHUNK = 1 << 19     # scalars per chunk (2 MiB of float32: staging stays in L2/L3)
 MIN_SIZE = 1 << 19  # smaller leaves (one chunk or less) are merged by one kernel call
@@ -173,14 +173,14 @@ class Job:
     """One leaf merged by `Stager`.
 
     Attributes:
-        leaf: the `_merge_tree.LeafInputs`.
+        leaf: the `leaf_inputs.LeafInputs`.
         device: its CPU device.
         inputs, base: the kernel operands as jax arrays on `device` (None when
             `views` is set).
         views: for leaves with numpy operands, every operand as a flat numpy
             array (the K inputs, then the base or None), passed to the kernel
             chunk by chunk.
-        body: key of `_merge_kernels.BODIES`.
+        body: key of `kernels.BODIES`.
         args: the body's array arguments.
         static: the body's static options, (name, value) pairs.
         offset: counter offset (select/dare `offset=`).

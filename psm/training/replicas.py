@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from psm import sharding
+from psm.training import sharding
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -93,7 +93,7 @@ def make_replica_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     """One optimizer step of ONE replica (no K axis): (params, opt_state, batch) -> ...
 
     `loss_fn(graphdef, params, batch) -> scalar` is the training objective
-    (default: the decoder's token-weighted NLL; `psm.encoder_task` passes its own).
+    (default: the decoder's token-weighted NLL; `psm.training.encoder_task` passes its own).
     """
 
     def replica_step(params, opt_state, batch):
@@ -112,7 +112,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     Args:
       state_sharding: the parameters' shardings (a tree from
-        `psm.sharding.state_shardings`, or one sharding for every leaf).
+        `psm.training.sharding.state_shardings`, or one sharding for every leaf).
       batch_sharding: for the `[K, B, T]` batch (every batch array has a leading K axis).
       opt_sharding: the optimizer state's shardings; default `state_sharding`.
       loss_fn: as in `make_replica_step`.
@@ -136,7 +136,7 @@ def place_state(base: Any, k: int, tx: optax.GradientTransformation, mesh):
     """K stacked copies of `base` and their optimizer state, created sharded.
 
     Each array is built by a jit whose `out_shardings` are the rules' layout
-    (`psm.sharding.state_shardings`), so no device ever holds all K replicas.
+    (`psm.training.sharding.state_shardings`), so no device ever holds all K replicas.
     Raises before anything is compiled when the mesh does not divide a
     dimension it splits.
 

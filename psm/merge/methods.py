@@ -1,4 +1,4 @@
-"""Merging K fine-tuned parameter trees: average, selection, task arithmetic, TIES, DARE.
+"""In-memory merging of K parameter trees (re-exported as `psm.merge`): average, select, TIES, DARE.
 
 Inputs. `models` is either a list/tuple of K trees of identical structure, or,
 with the keyword `stacked=True`, one pytree whose leaves are stacked on a leading
@@ -28,7 +28,7 @@ leaves), so the error comes after the arithmetic but before anything is returned
 
 Memory. Large leaves held in host memory (numpy, or a `jax.Array` on one CPU
 device) are merged chunk by chunk into huge-page-backed host memory, which avoids
-the page faults of a fresh XLA output buffer (see `psm._merge_stage`); the
+the page faults of a fresh XLA output buffer (see `psm.merge.host_staging`); the
 results are bit-identical to the whole-leaf kernels used for sharded or
 accelerator arrays.
 
@@ -63,12 +63,10 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from psm import _merge_kernels as K
-from psm import _merge_stage
-from psm import _merge_trim
-from psm import _merge_tree
-from psm._merge_stage import x64_if_needed as _x64_if_needed
-from psm._merge_tree import leaf_name
+from psm.merge import host_staging, leaf_inputs, ties_threshold
+from psm.merge import kernels as K
+from psm.merge.host_staging import x64_if_needed as _x64_if_needed
+from psm.merge.leaf_inputs import leaf_name
 
 __all__ = [
     "average", "select", "task_arithmetic", "ties", "dare", "merge", "register_method",
@@ -114,7 +112,7 @@ def leaf_key(key, name: str):
     Returns:
         A typed PRNG key.
     """
-    words = _merge_tree.name_words(name)
+    words = leaf_inputs.name_words(name)
     return jax.random.fold_in(jax.random.fold_in(_as_key(key), words[0]), words[1])
 
 
@@ -146,7 +144,7 @@ def leaf_bits(key, name: str, shape: Sequence[int], *, stream: int = 0, offset: 
     Returns:
         uint32 array of `shape`.
     """
-    return _leaf_bits(_as_key(key), _merge_tree.name_words(name), np.uint32(stream),
+    return _leaf_bits(_as_key(key), leaf_inputs.name_words(name), np.uint32(stream),
                       np.uint32(offset), shape=tuple(int(s) for s in shape))
 
 
@@ -222,26 +220,26 @@ def _count(value, what: str) -> int:
 # ---- the leaf loop ---------------------------------------------------------------------
 
 def _prepare(models, base=None, *, need_base: bool = False,
-             stacked: bool = False) -> _merge_tree.Prepared:
+             stacked: bool = False) -> leaf_inputs.Prepared:
     """Flattens and checks the inputs, including that non-float leaves agree."""
-    prep = _merge_tree.prepare(models, base, need_base=need_base, stacked=stacked)
-    prep.fixed = {j: _merge_tree.equal_leaf(leaf, prep.k)
+    prep = leaf_inputs.prepare(models, base, need_base=need_base, stacked=stacked)
+    prep.fixed = {j: leaf_inputs.equal_leaf(leaf, prep.k)
                   for j, leaf in enumerate(prep.leaves) if not leaf.is_float}
     return prep
 
 
-def _run(prep: _merge_tree.Prepared, leaf_fn: Callable, *, allow_nonfinite: bool,
-         check_base: bool, stager: _merge_stage.Stager | None = None):
+def _run(prep: leaf_inputs.Prepared, leaf_fn: Callable, *, allow_nonfinite: bool,
+         check_base: bool, stager: host_staging.Stager | None = None):
     """Merges every float leaf and assembles the output tree.
 
     leaf_fn(leaf, stager) either returns the merged leaf (a whole-leaf kernel
     call, dispatched asynchronously) or queues it on the stager and returns the
-    `_merge_stage.Job` (merged by the stager's worker thread meanwhile).
+    `host_staging.Job` (merged by the stager's worker thread meanwhile).
     """
     outs: list[Any] = [None] * len(prep.leaves)
     for j, value in prep.fixed.items():
         outs[j] = value
-    with _merge_stage.Stager() if stager is None else stager as stager:
+    with host_staging.Stager() if stager is None else stager as stager:
         for j, leaf in enumerate(prep.leaves):
             if leaf.is_float:
                 with _x64_if_needed(leaf.dtype):
@@ -250,16 +248,16 @@ def _run(prep: _merge_tree.Prepared, leaf_fn: Callable, *, allow_nonfinite: bool
         if not leaf.is_float:
             continue
         out = outs[j]
-        if isinstance(out, _merge_stage.Job):
+        if isinstance(out, host_staging.Job):
             ok, out = out.finite, out.result()
         else:
-            ok = allow_nonfinite or _merge_tree.all_finite(out)
+            ok = allow_nonfinite or leaf_inputs.all_finite(out)
         if not allow_nonfinite and not ok:
-            err = _merge_tree.nonfinite_error(leaf, prep.k, check_base)
+            err = leaf_inputs.nonfinite_error(leaf, prep.k, check_base)
             if err is not None:
                 raise err
             # Finite inputs, non-finite result: an overflow of the arithmetic itself.
-        outs[j] = _merge_tree.finish_leaf(leaf, out)
+        outs[j] = leaf_inputs.finish_leaf(leaf, out)
     return prep.unflatten(outs)
 
 
@@ -295,7 +293,7 @@ def average(models, weights=None, *, stacked: bool = False, allow_nonfinite: boo
     w = _probs(weights, prep.k, "weights")
 
     def leaf_fn(leaf, stager):
-        if _merge_stage.accepts(leaf):
+        if host_staging.accepts(leaf):
             return stager.add(leaf, "average", (_cast(w, leaf),), check=not allow_nonfinite)
         return K.average_kernel(leaf.inputs, _cast(w, leaf), stacked=_stacked(leaf),
                                 out_sharding=leaf.out_sharding)
@@ -363,9 +361,9 @@ def select(models, *, key, base=None, probs=None, resample: int = 0,
             raise ValueError(f"leaf '{leaf.name}': offset + size exceeds 2^32")
 
     def leaf_fn(leaf, stager):
-        seeds = K.leaf_seeds(key, _merge_tree.name_words(leaf.name), n=1)
+        seeds = K.leaf_seeds(key, leaf_inputs.name_words(leaf.name), n=1)
         poison = not allow_nonfinite
-        if _merge_stage.accepts(leaf):
+        if host_staging.accepts(leaf):
             if n == 0:
                 return stager.add(leaf, "select", (seeds, thresholds),
                                   (("last", last), ("poison", poison)), offset=offset,
@@ -413,7 +411,7 @@ def task_arithmetic(models, base, scale: float = 1.0, weights=None, *,
     scale = _scalar(scale, "scale")
 
     def leaf_fn(leaf, stager):
-        if _merge_stage.accepts(leaf):
+        if host_staging.accepts(leaf):
             return stager.add(leaf, "task_arithmetic", (_cast(w, leaf), _cast(scale, leaf)),
                               base=leaf.base, check=not allow_nonfinite)
         return K.task_arithmetic_kernel(
@@ -432,7 +430,7 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
        density 0). `trim="tensor"` (default, as mergekit) counts n per tensor;
        `trim="model"` over all float leaves of the model (the original TIES
        code). The k-th largest magnitude is found exactly by a linear-time
-       sample-bracket-and-select search (see `psm._merge_trim`); ties at the
+       sample-bracket-and-select search (see `psm.merge.ties_threshold`); ties at the
        threshold are kept in flat-index order (leaves by sorted name for
        `trim="model"`), so exactly k entries survive.
     2. Elect: d_i = w_i * trimmed tau_i; the sign per scalar is + where
@@ -484,7 +482,7 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
         by_position = bounds is None
         if not by_position:
             tbits = bounds
-        if _merge_stage.accepts(leaf):
+        if host_staging.accepts(leaf):
             return stager.add(
                 leaf, "ties", (tbits, cuts, _cast(w, leaf), _cast(scale, leaf)),
                 (("normalize", bool(normalize)), ("poison", poison),
@@ -496,7 +494,7 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
 
     # Thresholds for all leaves (a pipeline over leaves); each leaf's merge pass
     # is dispatched (or queued on the stager) as soon as its thresholds are known.
-    merged, stager = {}, _merge_stage.Stager()
+    merged, stager = {}, host_staging.Stager()
 
     def on_ready(leaf, tbits, cuts):
         with _x64_if_needed(leaf.dtype):
@@ -507,9 +505,9 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
     try:
         with _x64_if_needed(widest):
             if trim == "model" and floats:
-                thresholds = _merge_trim.whole_model(floats, prep.k, dens)
+                thresholds = ties_threshold.whole_model(floats, prep.k, dens)
             else:
-                _merge_trim.per_tensor(floats, prep.k, dens, on_ready=on_ready)
+                ties_threshold.per_tensor(floats, prep.k, dens, on_ready=on_ready)
     except BaseException:
         stager.close()
         raise
@@ -582,7 +580,7 @@ def dare(models, base, drop_rate, *, key, weights=None, scale: float = 1.0,
     drop_thr = np.minimum(np.round(p * 2.0**32), 2.0**32 - 1).astype(np.uint32)
 
     def leaf_fn(leaf, stager):
-        seeds = K.leaf_seeds(key, _merge_tree.name_words(leaf.name), n=prep.k)
+        seeds = K.leaf_seeds(key, leaf_inputs.name_words(leaf.name), n=prep.k)
         if rescale == "inverse":
             factors = 1.0 / (1.0 - p)
         elif rescale == "none":
@@ -597,7 +595,7 @@ def dare(models, base, drop_rate, *, key, weights=None, scale: float = 1.0,
             before, after = sums[0], sums[1]
             ok = (before >= 1e-7) & (after >= 1e-7)
             factors = np.where(ok, before / np.where(ok, after, 1), 1).astype(before.dtype)
-        if _merge_stage.accepts(leaf):
+        if host_staging.accepts(leaf):
             return stager.add(
                 leaf, "dare", (seeds, drop_thr, _cast(factors, leaf), _cast(w, leaf),
                                _cast(scale, leaf)),
@@ -654,9 +652,3 @@ def merge(method: str, models, **kwargs):
         raise ValueError(f"unknown merge method {method!r}; available: {available_methods()}")
     return _METHODS[method](models, **kwargs)
 
-
-if __name__ == "__main__":
-    # `python -m psm.merge ...`: the streaming merge of checkpoints on disk.
-    from psm.merge_cli import main
-
-    raise SystemExit(main())

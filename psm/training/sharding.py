@@ -162,7 +162,7 @@ def logical_to_mesh(names: Sequence[str | None], rules=LOGICAL_RULES) -> tuple:
             continue
         if name not in table:
             raise ValueError(f"logical axis name {name!r} has no rule in "
-                             f"psm.sharding.LOGICAL_RULES; known: {sorted(table)}")
+                             f"psm.training.sharding.LOGICAL_RULES; known: {sorted(table)}")
         axis = table[name]
         out.append(axis if axis not in used else None)
         used.add(axis)

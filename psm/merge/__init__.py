@@ -1,0 +1,26 @@
+"""Merging K fine-tuned models: the public API, `psm.merge.select(models, key=..., base=...)` etc.
+
+The package's parts, each with one job (read them in this order):
+
+| module | job |
+| --- | --- |
+| `methods` | the merge methods on parameter trees in memory (this API; full docs there) |
+| `leaf_inputs` | the two input forms (K trees, or one stacked tree), leaf names, checks |
+| `kernels` | jitted elementwise kernels: one body per method, whole-leaf and chunked |
+| `ties_threshold` | TIES's exact top-k magnitude threshold in linear time |
+| `host_staging` | host-resident leaves merged chunk by chunk into huge-page memory |
+| `streaming` | checkpoints larger than memory, merged tensor by tensor on disk |
+| `__main__` | the command `python -m psm.merge` over `streaming` |
+
+Dependencies run one way: `__main__` -> `streaming` -> `methods` -> (`leaf_inputs`,
+`ties_threshold`, `host_staging`) -> `kernels`; nothing imports `__main__`, and this file
+only re-exports `methods`.
+"""
+
+from psm.merge.methods import (PROB_SUM_TOL, available_methods, average, dare, leaf_bits, leaf_key,
+                               leaf_name, merge, register_method, select, task_arithmetic, ties)
+
+__all__ = [
+    "average", "select", "task_arithmetic", "ties", "dare", "merge", "register_method",
+    "available_methods", "leaf_name", "leaf_key", "leaf_bits", "PROB_SUM_TOL",
+]
