@@ -74,14 +74,50 @@ def test_empty_or_corrupt_train_file_in_a_new_folder_is_an_error(tmp_path):
     sources.load("gsm8k", "train", data_dir=cache,
                  manual_dir=_gsm8k_root(tmp_path / "a", ["a0", "a1"]))
     empty = _gsm8k_root(tmp_path / "empty", [])
-    with pytest.raises(ValueError, match=r"No examples were yielded.*empty/gsm8k hold no "
-                                         "records"):
+    with pytest.raises(jsonl.DataFormatError,
+                       match=r"empty/gsm8k/train\.jsonl: no records in this file; the 'train' "
+                             "split"):
         sources.load("gsm8k", "train", data_dir=cache, manual_dir=empty)
     bad = _gsm8k_root(tmp_path / "bad", ["b0"])
     with open(tmp_path / "bad" / "gsm8k" / "train.jsonl", "a") as f:
         f.write('{"question": "q", "answer": }\n')
     with pytest.raises(jsonl.DataFormatError, match=r"train\.jsonl:2:\d+: invalid JSON"):
         sources.load("gsm8k", "train", data_dir=cache, manual_dir=bad)
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+_SST2_HEADER = "sentence\tlabel\n"
+# task -> (files {relative path: text} with one empty split, the empty file named)
+_EMPTY_SPLITS = {
+    "gsm8k": ({"gsm8k/train.jsonl": '{"question": "q", "answer": "a #### 1"}\n',
+               "gsm8k/test.jsonl": "\n\n"}, "gsm8k/test.jsonl"),
+    "humaneval": ({"humaneval/HumanEval.jsonl": ""}, "humaneval/HumanEval.jsonl"),
+    "alpaca_full": ({"alpaca/alpaca_data.json": "[]"}, "alpaca/alpaca_data.json"),
+    "sst2": ({"glue/glue_data/SST-2/train.tsv": _SST2_HEADER,  # a header, no rows
+              "glue/glue_data/SST-2/dev.tsv": _SST2_HEADER + "good\t1\n",
+              "glue/glue_data/SST-2/test.tsv": "index\tsentence\n0\tok\n"},
+             "glue/glue_data/SST-2/train.tsv"),
+}
+
+
+@pytest.mark.parametrize("task", sorted(_EMPTY_SPLITS))
+def test_an_empty_split_file_is_named(tmp_path, task):
+    """A split read from an empty file names that file (TFDS alone says "No examples
+    were yielded"), and the commands report it as a user error (one line, exit 2)."""
+    from psm import cli
+    files, empty = _EMPTY_SPLITS[task]
+    for rel, text in files.items():
+        _write(tmp_path / "data" / rel, text)
+    split = sources.task_spec(task).splits[0]
+    with pytest.raises(jsonl.DataFormatError) as raised:
+        sources.load(task, split, data_dir=str(tmp_path / "cache"),
+                     manual_dir=str(tmp_path / "data"))
+    assert f"{tmp_path / 'data' / empty}: no records in this file" in str(raised.value)
+    assert cli.is_user_error(raised.value)
 
 
 def test_cache_dir_env_var(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ data folder or any file in it differs (another `$PSM_DATA_DIR`, an edited or
 replaced `train.jsonl`), the cache is rebuilt from the given files with a
 warning, instead of serving records of other files. With no local folder (a
 download), an existing cache is reused as is. A split with no records is an
-error naming the folder.
+error naming the file (or folder) it is read from (`builders.base.nonempty`).
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def builder(task: str, *, data_dir=None, manual_dir=None) -> SourceBuilder:
         try:
             b.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=os.fspath(folder) if folder is not None else None))
-        except AssertionError as e:  # TFDS's way of refusing an empty split
+        except AssertionError as e:  # TFDS's way of refusing an empty split (a builder
+            # that does not check its files itself; `base.nonempty` names the file)
             if "No examples were yielded" not in str(e):
                 raise
             where = f"the files in {folder}" if folder is not None else "the download"

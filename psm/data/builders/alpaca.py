@@ -76,7 +76,8 @@ class Alpaca(base.SourceBuilder, skip_registration=True):
         paths = base.locate_files(
             dl_manager, dataset="alpaca", files=files, urls=urls,
             download=(lambda dl: {"train": epath.Path(dl.download(cfg.url))}) if cfg.url else None)
-        return {"train": self._generate_examples(paths["train"])}
+        return {"train": base.nonempty(self._generate_examples(paths["train"]), paths["train"],
+                                       "train")}
 
     def _generate_examples(self, path):
         for i, rec in enumerate(jsonl.read_json_records(path, FIELDS)):

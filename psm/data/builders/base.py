@@ -20,7 +20,7 @@ import inspect
 import os
 import socket
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -137,6 +137,26 @@ def locate_files(
         f"no local copy of '{dataset}' (manual folder {given} does not exist or is empty; pass "
         f"manual_dir= or set $PSM_DATA_DIR) and no download ({reason}).\n"
         + instructions(dataset, files, urls))
+
+
+def nonempty(examples: Iterable, source, split: str) -> Iterator:
+    """Yields `examples` (a split generator's `(key, example)` pairs); raises
+    `DataFormatError` naming `source` (the split's file or folder) when they are none.
+
+    TFDS refuses an empty split only after generation, with "No examples were
+    yielded" and no file named; this check names the file the split was read from.
+    """
+    from psm.data import jsonl  # psm.data.jsonl needs nothing from here; no cycle
+
+    count = 0
+    for item in examples:
+        count += 1
+        yield item
+    if not count:
+        kind = "folder" if os.path.isdir(os.fspath(source)) else "file"
+        raise jsonl.DataFormatError(
+            f"{os.fspath(source)}: no records in this {kind}; the {split!r} split is read "
+            "from it and needs at least one")
 
 
 def text_info(builder: tfds.core.GeneratorBasedBuilder, features: dict, *, description: str,

@@ -168,8 +168,13 @@ class Glue(base.SourceBuilder, skip_registration=True):
         paths = base.locate_files(dl_manager, dataset="glue", files=files, urls=urls,
                                   download=download)
         if cfg.name == "mrpc":
-            return {split: self._generate_mrpc(paths, split) for split in SPLIT_FILES}
-        return {split: self._generate_examples(paths[split], split) for split in SPLIT_FILES}
+            # Train and validation are both read from the train file (split by dev_ids).
+            return {split: base.nonempty(self._generate_mrpc(paths, split),
+                                         paths["test" if split == "test" else "train"], split)
+                    for split in SPLIT_FILES}
+        return {split: base.nonempty(self._generate_examples(paths[split], split), paths[split],
+                                     split)
+                for split in SPLIT_FILES}
 
     def _label(self, raw: str, where: str):
         cfg = self.builder_config

@@ -41,7 +41,8 @@ class Gsm8k(base.SourceBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         paths = base.locate_files(dl_manager, dataset="gsm8k", files=FILES, urls=URLS,
                                   download=lambda dl: dl.download(URLS))
-        return {split: self._generate_examples(paths[split]) for split in FILES}
+        return {split: base.nonempty(self._generate_examples(paths[split]), paths[split], split)
+                for split in FILES}
 
     def _generate_examples(self, path):
         records = jsonl.read_jsonl(path, required_keys=("question", "answer"))

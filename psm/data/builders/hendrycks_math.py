@@ -74,7 +74,8 @@ class HendrycksMath(base.SourceBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         paths = base.locate_files(dl_manager, dataset="math", files=FILES, urls={"tar": URL},
                                   download=_download)
-        return {split: self._generate_examples(paths[split]) for split in FILES}
+        return {split: base.nonempty(self._generate_examples(paths[split]), paths[split], split)
+                for split in FILES}
 
     def _generate_examples(self, split_dir):
         split_dir = epath.Path(split_dir)

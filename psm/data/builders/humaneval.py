@@ -49,7 +49,8 @@ class HumanEval(base.SourceBuilder, skip_registration=True):
         paths = base.locate_files(dl_manager, dataset="humaneval", files=files,
                                   urls={"test": URL},
                                   download=lambda dl: {"test": epath.Path(dl.download(URL))})
-        return {"test": self._generate_examples(paths["test"])}
+        return {"test": base.nonempty(self._generate_examples(paths["test"]), paths["test"],
+                                      "test")}
 
     def _generate_examples(self, path):
         for i, rec in enumerate(jsonl.read_jsonl(path, FIELDS)):
