@@ -167,10 +167,14 @@ def load_seed(folder: str) -> SeedRun:
     correct = np.array([[bool(r["models"][n]["correct"]) for r in rows] for n in names])
     extracted = [[r["models"][n].get("extracted") for r in rows] for n in names]
     positions, losses, merged_losses, _ = imbalance.load_records(folder)
+    metrics = read_metrics(folder)  # a corrupt line is an error naming file and line
+    if not metrics:  # a finished run logs its training loss at least at its last step
+        raise ValueError(f"{os.path.join(folder, 'metrics.jsonl')} is missing or holds no "
+                         "records, but a finished run logs its training loss there")
     return SeedRun(folder=folder, names=names, results=results, config=config,
                    test_ids=np.array([r["id"] for r in rows]), correct=correct,
                    extracted=extracted, positions=positions, losses=losses,
-                   merged_losses=merged_losses, metrics=read_metrics(folder))
+                   merged_losses=merged_losses, metrics=metrics)
 
 
 def load_seeds(workdir: str, seeds: int) -> list[SeedRun]:

@@ -90,10 +90,25 @@ def inputs(tmp_path_factory):
     good = {"id": 0, "position": [0.1], "loss": {"replicas": [1.0], "merged": {}}}
     (corrupt / "per_sample.jsonl").write_text(json.dumps(good) + "\n{not json\n")
     p["corrupt_records"] = str(corrupt)
+    (d / "empty_records").mkdir()
+    (d / "empty_records" / "per_sample.jsonl").write_text("")
+    p["empty_records"] = str(d / "empty_records")
     seed0 = d / "exp_corrupt" / "seed0"
     seed0.mkdir(parents=True)
     (seed0 / "results.json").write_text('{"models": {}\n,,\n')
     p["exp_corrupt"] = str(d / "exp_corrupt")
+    # A resumed run whose metrics.jsonl has a corrupt line (not the last).
+    resumed = d / "resumed_run"
+    resumed.mkdir()
+    (resumed / "config.json").write_text(json.dumps(_psm_config()))
+    (resumed / "metrics.jsonl").write_text('{"step": 4}\n{"step": 8, "tr\n{"step": 12}\n')
+    p["resumed_run"] = str(resumed)
+    # A finished experiment whose seed0/metrics.jsonl has a corrupt line.
+    from test_experiment import write_seed
+    write_seed(str(d / "exp_metrics" / "seed0"), 0)
+    with open(d / "exp_metrics" / "seed0" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 15, "val/lo\n{"step": 20}\n')
+    p["exp_metrics"] = str(d / "exp_metrics")
     (d / "a_file").write_text("")
     p["a_file"] = str(d / "a_file")
     return p
@@ -114,8 +129,20 @@ CASES = [
     ("train-misspelt-key", ["psm.train", f"--config={TINY}", "--workdir={dir}/w",
                             "--config.optim.learning_rte=0.1"],
      ["optim.learning_rte", "did you mean optim.learning_rate"], [], ["w"]),
+    ("train-negative-learning-rate", ["psm.train", f"--config={TINY}", "--workdir={dir}/w",
+                                      "--config.optim.learning_rate=-1e-3"],
+     ["config.optim.learning_rate must be a finite number > 0, got -0.001"], [], ["w"]),
+    ("train-negative-warmup", ["psm.train", f"--config={TINY}", "--workdir={dir}/w",
+                               "--config.optim.warmup_steps=-5"],
+     ["config.optim.warmup_steps must be >= 0, got -5"], [], ["w"]),
+    ("train-workdir-of-another-config", ["psm.train", f"--config={TINY}",
+                                         "--workdir={other_run}"],
+     ["other_run", "differing keys: model.hidden_size"], [], ["other_run/base"]),
     ("train-unwritable-workdir", ["psm.train", f"--config={TINY}", "--workdir={a_file}/w"],
      ["a_file", "not a folder"], [], []),
+    ("train-resume-corrupt-metrics", ["psm.train", f"--config={TINY}",
+                                      "--workdir={resumed_run}"],
+     ["resumed_run/metrics.jsonl, line 2: invalid JSON"], [], ["resumed_run/base"]),
     ("evaluate-missing-checkpoint", ["psm.evaluate", f"--config={TINY}",
                                      "--checkpoint={dir}/missing", "--out={dir}/e"],
      ["missing", "no such file"], [], ["e"]),
@@ -128,6 +155,12 @@ CASES = [
     ("evaluate-config-mismatch", ["psm.evaluate", f"--config={TINY}",
                                   "--checkpoint={other_run}", "--out={dir}/e"],
      ["other_run", "model.hidden_size"], ["partial_restore"], ["e"]),
+    ("evaluate-replica-of-hf-folder", ["psm.evaluate", f"--config={TINY}", "--checkpoint={hf1}",
+                                       "--replica=1", "--out={dir}/e"],
+     ["--replica needs a psm training workdir", "hf1", "Hugging Face folder"], [], ["e"]),
+    ("evaluate-merge-of-hf-folder", ["psm.evaluate", f"--config={TINY}", "--checkpoint={hf1}",
+                                     "--merge=average", "--out={dir}/e"],
+     ["--merge needs a psm training workdir", "hf1", "Hugging Face folder"], [], ["e"]),
     ("evaluate-out-under-a-file", ["psm.evaluate", f"--config={TINY}", "--checkpoint={hf1}",
                                    "--out={a_file}/e"],
      ["--out", "a_file is a file, not a folder"], [], []),
@@ -166,6 +199,8 @@ CASES = [
      ["probs", "1.2"], ["np.float64"], ["m"]),
     ("imbalance-corrupt-records", ["psm.imbalance", "--workdir={corrupt_records}"],
      ["per_sample.jsonl, line 2"], [], ["corrupt_records/plots"]),
+    ("imbalance-empty-records", ["psm.imbalance", "--workdir={empty_records}"],
+     ["empty_records/per_sample.jsonl holds no records"], [], ["empty_records/plots"]),
     ("imbalance-missing-records", ["psm.imbalance", "--workdir={dir}/nowhere"],
      ["nowhere/per_sample.jsonl"], [], ["nowhere"]),
     ("experiment-invalid-value", ["psm.experiment", f"--config={TINY}", "--workdir={dir}/x",
@@ -174,6 +209,9 @@ CASES = [
     ("experiment-corrupt-results", ["psm.experiment", "--workdir={exp_corrupt}", "--seeds=1",
                                     "--report_only"],
      ["seed0/results.json:2", "invalid JSON"], [], ["exp_corrupt/RESULTS.md"]),
+    ("experiment-corrupt-metrics", ["psm.experiment", "--workdir={exp_metrics}", "--seeds=1",
+                                    "--report_only"],
+     ["seed0/metrics.jsonl, line 3: invalid JSON"], [], ["exp_metrics/RESULTS.md"]),
 ]
 
 
@@ -213,12 +251,16 @@ def test_verbose_adds_the_traceback(inputs):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_merge_models_with_spaces_after_commas(inputs):
-    out = os.path.join(inputs["dir"], "spaced")
+def test_merge_models_with_spaces_after_commas_overwriting_a_file(inputs, tmp_path):
+    """`--models='a, b'` names a and b; `--out=<file> --overwrite` replaces the file and
+    leaves no `.<name>.tmp-*` entry beside it (one command checks both)."""
+    out = tmp_path / "spaced"
+    out.write_text("an old file in the way")
     proc = _run(["psm.merge", "--models={hf1}, {hf2}", "--method=average", f"--out={out}",
-                 "--no-progress"], inputs)
+                 "--overwrite", "--no-progress"], inputs)
     assert proc.returncode == 0, proc.stderr
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    assert os.listdir(tmp_path) == ["spaced"], os.listdir(tmp_path)
 
 
 def test_train_help_lists_config_keys():
@@ -228,6 +270,22 @@ def test_train_help_lists_config_keys():
     assert "--config.optim.learning_rate = " in text, text[:2000]
     assert "configs/common.py" in text
     assert "--verbose" in text
+
+
+def test_convert_help_describes_every_flag():
+    proc = subprocess.run([sys.executable, "-m", "psm.models.convert", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    options = proc.stdout.split("options:", 1)[1]
+    # argparse puts a flag's help on its line or on the next, more indented one.
+    entries = re.split(r"\n  (?=-)", "\n" + options)[1:]
+    flags = [e.split()[0].rstrip(",") for e in entries]
+    assert {"--kind", "--path", "--out", "--overwrite", "--dtype", "--max-shard-gb",
+            "--verbose"} <= set(flags), flags
+    for entry in entries:
+        words = re.sub(r"\{[^}]*\}", "", entry).split()
+        described = [w for w in words[1:] if not w.startswith("-") and not w.isupper()]
+        assert described, f"no help text for {entry.strip()!r}"
 
 
 def test_user_errors_and_bugs_are_told_apart():

@@ -200,6 +200,20 @@ def test_folders_that_disagree_are_refused(tmp_path):
 
 # ------------------------------------------------------------------------ orchestration
 
+@pytest.mark.parametrize("text,message", [
+    ('{"step": 5}\n{"step": 10, "val/lo\n{"step": 15}\n', r"metrics.jsonl, line 2: invalid JSON"),
+    ('{"step": 5}\n{"step": 10, "val/lo', r"metrics.jsonl, line 2: the last line is cut off"),
+    ("", r"metrics.jsonl is missing or holds no records"),
+], ids=["corrupt-line", "torn-last-line", "empty"])
+def test_corrupt_or_empty_metrics_are_refused(tmp_path, text, message):
+    """A finished run's metrics.jsonl feeds the report's Fig. 4: a bad line or no records
+    is an error naming the file (and line), not a traceback or a silently empty plot."""
+    write_seed(str(tmp_path / "seed0"), 0)
+    (tmp_path / "seed0" / "metrics.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        experiment.load_seeds(str(tmp_path), 1)
+
+
 def _config():
     return tiny_test_config(**OVERRIDES)
 

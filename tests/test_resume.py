@@ -107,3 +107,41 @@ def test_crashed_run_resumes_at_its_last_checkpoint(tmp_path, monkeypatch):
     assert _rows(workdir) == rows
     assert again["models"] == reference["models"]
 
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_refuses_a_corrupt_one(tmp_path):
+    """A run killed mid-write leaves metrics.jsonl's last line cut off: resume drops it
+    (else the next record would be glued onto it). A bad line elsewhere is corruption,
+    an error naming the file and line that leaves the file as it was."""
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "train/loss": 1.0}) for s in (4, 8, 12)]
+    path.write_text("\n".join(good) + '\n{"step": 16, "train/lo')
+    trainer._truncate_metrics(str(path), 8)
+    assert path.read_text() == "\n".join(good[:2]) + "\n"
+
+    path.write_text("\n".join(good) + '\n{"step": 16, "train/lo')
+    trainer._truncate_metrics(str(path), 12)  # nothing after the checkpoint but the torn line
+    assert path.read_text() == "\n".join(good) + "\n"
+
+    for corrupt, line in ((good[0] + "\n{not json\n" + good[1] + "\n", 2),
+                          # a torn line that is not last: another record was appended to it
+                          (good[0] + '\n{"step": 8, "tr' + good[1] + "\n", 2),
+                          (good[0] + "\n[1, 2]\n", 2),
+                          (good[0] + "\n" + good[1] + "\nnot json\n", 3)):
+        path.write_text(corrupt)
+        with pytest.raises(ValueError, match=rf"{path}, line {line}: "):
+            trainer._truncate_metrics(str(path), 8)
+        assert path.read_text() == corrupt
+
+    path.write_text("")  # killed before its first record was flushed
+    trainer._truncate_metrics(str(path), 0)
+    assert path.read_text() == ""
+
+
+def test_read_metrics_refuses_a_torn_last_line_unless_resuming(tmp_path):
+    from psm.training import metrics
+    (tmp_path / "metrics.jsonl").write_text('{"step": 4}\n{"step": 8, "val/l')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: the last line is cut off"):
+        metrics.read_metrics(str(tmp_path))
+    assert metrics.read_metrics(str(tmp_path), torn_tail="drop") == [{"step": 4}]
+    assert metrics.read_metrics(str(tmp_path / "nowhere")) == []

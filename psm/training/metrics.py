@@ -46,9 +46,51 @@ def _fmt(v):
     return str(v)
 
 
-def read_metrics(workdir: str, filename: str = "metrics.jsonl") -> list[dict]:
+def read_metrics(workdir: str, filename: str = "metrics.jsonl", *,
+                 torn_tail: str = "error") -> list[dict]:
+    """The records of `workdir/filename`, in file order ([] when there is no file).
+
+    A missing or empty file holds no records. Every record is a JSON object with
+    an integer "step"; a line that is not is a ValueError naming the file and
+    its 1-based line.
+
+    `MetricWriter` writes a record and its newline in one call, so a process
+    killed mid-write leaves a last line without its newline ("torn"). The
+    trainer reads with `torn_tail="drop"` on resume, which drops such a line
+    with a warning (its step is redone); any other bad line, including a torn
+    one that is not last, is corruption and always an error.
+
+    Args:
+      torn_tail: "error" (default) or "drop".
+    """
+    if torn_tail not in ("error", "drop"):
+        raise ValueError(f"torn_tail must be 'error' or 'drop', got {torn_tail!r}")
     path = os.path.join(workdir, filename)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    # `lines[-1]` is b"" when the file ends with a newline, else the torn tail.
+    records = []
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        torn = i == len(lines) - 1
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if torn and torn_tail == "drop":
+                log.warning("%s: dropping its last line %d, cut off mid-write by an "
+                            "interrupted run: %r", path, i + 1, raw[:80])
+                break
+            if torn:
+                raise ValueError(f"{path}, line {i + 1}: the last line is cut off (a run "
+                                 "killed mid-write; resuming the run drops it)") from None
+            where = (f"column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError)
+                     else f"not valid UTF-8: {e.reason}")
+            raise ValueError(f"{path}, line {i + 1}: invalid JSON ({where})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {i + 1}: not a metrics record (a JSON object "
+                             f"with an integer \"step\"): {raw[:80].decode('utf-8', 'replace')}")
+        records.append(record)
+    return records

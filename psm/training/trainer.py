@@ -360,6 +360,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     resuming = wd.prepare(workdir, config)
     k = config.num_replicas
     writer = MetricWriter(workdir)
+    if resuming:  # a corrupt metrics.jsonl is refused now, not after the base model is built
+        read_metrics(workdir, torn_tail="drop")
 
     # ------------------------------------------------- base model, task, data
     encoder = encoder_task.is_encoder(config)
@@ -638,11 +640,14 @@ def _eval_during_training(writer, step, eval_loss, eval_step, params_k, val_arra
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-    """Drops metric lines written after `step` by an interrupted run (they are redone)."""
+    """Drops metric lines written after `step` by an interrupted run (they are redone),
+    and a last line cut off mid-write by the kill (appending after it would glue the
+    next record onto it). A corrupt line elsewhere is an error naming file and line."""
     if not os.path.exists(path):
         return
-    keep = [r for r in read_metrics(os.path.dirname(path), os.path.basename(path))
-            if r.get("step", 0) <= step]
+    keep = [r for r in read_metrics(os.path.dirname(path), os.path.basename(path),
+                                    torn_tail="drop")
+            if r["step"] <= step]
     import json
     with open(path + ".tmp", "w") as f:
         for r in keep:
