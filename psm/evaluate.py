@@ -146,8 +146,7 @@ def _config_mismatch(config, path: str, error: Exception) -> None:
     """Raises a ValueError listing the keys where --config differs from the workdir's
     config.json, for a checkpoint that does not restore with --config's structure
     (orbax's own message is a dump of both trees). Returns when they agree."""
-    with open(os.path.join(path, "config.json")) as f:
-        saved = json.load(f)
+    saved = wd.read_config(os.path.join(path, "config.json"))
     diff = sorted(wd._diff_keys(saved, wd.config_to_dict(config)))
     if not diff:
         return

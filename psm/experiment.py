@@ -275,8 +275,7 @@ def main(argv) -> None:
         # The command that trained the seeds, when this workdir recorded one.
         saved = os.path.join(workdir, "experiment.json")
         if os.path.exists(saved):
-            with open(saved) as f:
-                command = json.load(f).get("command", command)
+            command = _read_json(saved).get("command", command)
     else:
         check_seed_folders(config, workdir, seeds)
         wd.check_writable(workdir)

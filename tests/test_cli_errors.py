@@ -103,6 +103,9 @@ def inputs(tmp_path_factory):
     (resumed / "config.json").write_text(json.dumps(_psm_config()))
     (resumed / "metrics.jsonl").write_text('{"step": 4}\n{"step": 8, "tr\n{"step": 12}\n')
     p["resumed_run"] = str(resumed)
+    (d / "damaged_run").mkdir()
+    (d / "damaged_run" / "config.json").write_text('{"seed": 0,\n')  # cut off
+    p["damaged_run"] = str(d / "damaged_run")
     # A finished experiment whose seed0/metrics.jsonl has a corrupt line.
     from test_experiment import write_seed
     write_seed(str(d / "exp_metrics" / "seed0"), 0)
@@ -138,6 +141,10 @@ CASES = [
     ("train-workdir-of-another-config", ["psm.train", f"--config={TINY}",
                                          "--workdir={other_run}"],
      ["other_run", "differing keys: model.hidden_size"], [], ["other_run/base"]),
+    ("train-damaged-workdir-config", ["psm.train", f"--config={TINY}",
+                                      "--workdir={damaged_run}"],
+     ["damaged_run/config.json:2: invalid JSON"], [], ["damaged_run/base",
+                                                       "damaged_run/metrics.jsonl"]),
     ("train-unwritable-workdir", ["psm.train", f"--config={TINY}", "--workdir={a_file}/w"],
      ["a_file", "not a folder"], [], []),
     ("train-resume-corrupt-metrics", ["psm.train", f"--config={TINY}",

@@ -24,6 +24,16 @@ def config_to_dict(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def read_config(path: str) -> dict:
+    """A run's config.json; invalid JSON is a ValueError naming the file and line."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a run's config.json "
+                             "is written by psm.train, so this one is damaged") from None
+
+
 def check_writable(workdir: str, what: str = "workdir") -> None:
     """Refuses a workdir (or another output folder, named `what` in the message)
     that cannot be created or written, without creating anything.
@@ -72,8 +82,7 @@ def prepare(workdir: str, config) -> bool:
     wanted = config_to_dict(config)
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
-        with open(path) as f:
-            existing = json.load(f)
+        existing = read_config(path)
         if existing == wanted:
             return True
         diff = sorted(_diff_keys(existing, wanted))
