@@ -136,7 +136,8 @@ def _read_json(path: str):
 def _read_jsonl(path: str) -> list:
     """The records of a JSON-lines file; a bad line is a ValueError naming file and line."""
     rows = []
-    with open(path) as f:
+    # Bytes, decoded per line by json.loads: a bad byte is reported with its line.
+    with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -144,6 +145,9 @@ def _read_jsonl(path: str) -> list:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {line_no}: invalid JSON ({e.msg})") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {line_no}: not valid UTF-8 ({e.reason})") \
+                    from None
     return rows
 
 

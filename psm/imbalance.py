@@ -150,7 +150,8 @@ def load_records(workdir: str) -> tuple[np.ndarray, np.ndarray, dict, list[int]]
         raise FileNotFoundError(f"{path} not found: per-sample records are written at the "
                                 "end of a finished run")
     ids, positions, losses, merged = [], [], [], []
-    with open(path) as f:
+    # Bytes, decoded per line by json.loads: a bad byte is reported with its line.
+    with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -214,6 +214,14 @@ def test_corrupt_or_empty_metrics_are_refused(tmp_path, text, message):
         experiment.load_seeds(str(tmp_path), 1)
 
 
+def test_a_bad_byte_in_test_predictions_names_its_line(tmp_path):
+    write_seed(str(tmp_path / "seed0"), 0, n_test=3)
+    with open(tmp_path / "seed0" / "test_predictions.jsonl", "ab") as f:
+        f.write(b'{"id": 3\xff}\n')
+    with pytest.raises(ValueError, match=r"test_predictions.jsonl, line 4: not valid UTF-8"):
+        experiment.load_seeds(str(tmp_path), 1)
+
+
 def _config():
     return tiny_test_config(**OVERRIDES)
 

@@ -249,3 +249,15 @@ def test_redraw_draws_both_figures_with_the_requested_bins(tmp_path, monkeypatch
     calls.clear()
     imbalance.redraw(str(tmp_path))  # the command's default: 20 bins, as the trainer's
     assert calls["anchor"][1].get("num_bins") == 20
+
+
+def test_load_records_names_the_line_of_a_bad_byte(tmp_path):
+    """Invalid UTF-8 in per_sample.jsonl is a user error naming file and line (a text-mode
+    read raised it from the codec, outside psm, as a traceback)."""
+    from psm import cli
+    good = json.dumps({"id": 0, "position": [0.5], "loss": {"replicas": [1.0], "merged": {}}})
+    (tmp_path / "per_sample.jsonl").write_bytes(good.encode() + b"\n" + b'{"id": 1\xff}\n')
+    with pytest.raises(ValueError, match=r"per_sample.jsonl, line 2: not a per-sample record")\
+            as raised:
+        imbalance.load_records(str(tmp_path))
+    assert cli.is_user_error(raised.value)
