@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import tensorflow_datasets as tfds
 from etils import epath
 
+from psm.data import jsonl
+
 NETWORK_TIMEOUT_S = 3.0
 
 
@@ -146,8 +148,6 @@ def nonempty(examples: Iterable, source, split: str) -> Iterator:
     TFDS refuses an empty split only after generation, with "No examples were
     yielded" and no file named; this check names the file the split was read from.
     """
-    from psm.data import jsonl  # psm.data.jsonl needs nothing from here; no cycle
-
     count = 0
     for item in examples:
         count += 1
