@@ -18,7 +18,7 @@ from flax import nnx
 
 from configs import glue_bert
 from psm import experiment, merge
-from psm.training import checkpoint, encoder_task, replicas, trainer
+from psm.training import checkpoint, encoder_task, replicas, throughput, trainer
 from psm.data import paper_tasks
 from psm.evaluation import glue
 from psm.models import registry
@@ -117,6 +117,23 @@ def test_cola_smoke_writes_every_report_file(cola_run):
     assert any("val/loss" in r for r in _jsonl(os.path.join(workdir, "metrics.jsonl")))
     assert results["data"]["train"]["examples"] == config.task.num_train
     _check_predictions_file(config, workdir, regression=False)
+
+
+def test_cola_log_rows_carry_the_encoder_speed(cola_run):
+    """The BERT path's log rows carry step time and tokens/s (log_every = 1: the first row's
+    window holds only the compiling step, so it has none); results.json has the means,
+    with the encoder's FLOP count (psm.training.throughput.bert_flops_per_token)."""
+    config, workdir, results, _ = cola_run
+    logged = [r for r in _jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    assert config.train.log_every == 1 and "perf/tokens_per_s" not in logged[0]
+    for row in logged[1:]:
+        assert row["perf/step_time_s"] > 0
+        assert row["perf/tokens_per_s"] > row["perf/loss_tokens_per_s"] > 0  # padding
+    speed = results["speed"]
+    assert speed["timed_steps"] == results["steps"] - 1
+    assert speed["tokens_per_s"] > speed["loss_tokens_per_s"] > 0
+    _, _, _, cfg = encoder_task.load_base(config)
+    assert speed["flops_per_token"] == throughput.bert_flops_per_token(cfg, config.task.max_len)
 
 
 def test_cola_files_are_read_by_the_multi_seed_harness(cola_run):

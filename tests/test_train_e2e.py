@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from psm.training import trainer
+from psm.training import throughput, trainer
 from psm.data import orders
 from tiny_config import tiny_test_config
 
@@ -58,6 +58,33 @@ def test_run_writes_every_report_file(finished_run):
     assert all(len(m["train/loss"]) == k for m in train)
     assert train[-1]["train/loss"] != train[0]["train/loss"]
     assert any("val/loss_average_merge" in m for m in metrics)
+
+
+def test_log_rows_and_results_carry_the_training_speed(finished_run):
+    """Every training log row has the window's step time and tokens/s (all tokens and
+    loss tokens, over the K replicas), MFU only where the device's peak is known;
+    results.json has the run's means."""
+    workdir, results = finished_run
+    c = _config()
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        train = [m for m in map(json.loads, f) if "train/loss" in m]
+    peak = throughput.peak_flops()
+    for row in train:
+        for key in ("perf/step_time_s", "perf/tokens_per_s", "perf/loss_tokens_per_s"):
+            assert row[key] > 0, (key, row)
+        assert row["perf/loss_tokens_per_s"] < row["perf/tokens_per_s"]
+        assert ("perf/mfu" in row) == (peak is not None)
+    # tokens per step: K replicas x batch x max_len, so the ratio is the step time.
+    per_step = c.num_replicas * c.train.batch_size * c.task.max_len
+    for row in train:
+        assert row["perf/tokens_per_s"] * row["perf/step_time_s"] == pytest.approx(per_step)
+    speed = results["speed"]
+    assert speed["tokens_per_s"] > speed["loss_tokens_per_s"] > 0
+    # Every step but the compiling one is timed.
+    assert speed["timed_steps"] == results["steps"] - 1
+    assert (speed["mfu"] is None) == (peak is None)
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["speed"] == speed
 
 
 def test_per_sample_records_join_ids_positions_and_losses(finished_run):

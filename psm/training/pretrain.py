@@ -44,7 +44,8 @@ def pretrain_base(config, workdir: str, model_cfg: LlamaConfig, tokenizer):
         n = len(arrays["tokens"])
         tx, _ = replicas.make_optimizer(
             learning_rate=pc.learning_rate, total_steps=pc.steps,
-            warmup_steps=pc.warmup_steps, schedule="cosine", weight_decay=0.0)
+            warmup_steps=pc.warmup_steps, schedule="cosine", weight_decay=0.0,
+            master_weights=model_cfg.param_dtype != "float32")
         params_1 = replicas.stack(params, 1)
         opt_1 = replicas.init_opt_state(tx, params_1)
         step_fn = replicas.make_train_step(graphdef, tx)

@@ -16,7 +16,7 @@ Batches are dicts of `[K, B, T]` arrays:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +31,14 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
                    schedule: str = "linear", weight_decay: float = 0.0, b1: float = 0.9,
-                   b2: float = 0.999, clip_norm: float | None = 1.0
+                   b2: float = 0.999, clip_norm: float | None = 1.0,
+                   master_weights: bool = False
                    ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
     """AdamW with linear warm-up then `schedule` ('linear', 'cosine' or 'constant') decay.
 
+    Args:
+      master_weights: keep a float32 copy of the parameters in the optimizer state
+        (`with_master_weights`); for parameters narrower than float32.
     Returns:
       (transformation, learning-rate schedule as a function of the step).
     """
@@ -53,7 +57,57 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
         [warmup_steps]) if warmup_steps > 0 else decay
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
-    return optax.chain(*parts), lr
+    tx = optax.chain(*parts)
+    return (with_master_weights(tx) if master_weights else tx), lr
+
+
+class MasterWeightsState(NamedTuple):
+    """`master`: float32 copy of the parameters; `inner`: the wrapped optimizer's state."""
+    master: Any
+    inner: Any
+
+
+def with_master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` run on a float32 copy of low-precision (bfloat16) parameters.
+
+    An AdamW step is often below half a bfloat16 ulp of the parameter it
+    changes (lr 1e-5 on a weight of 0.1, whose bf16 ulp is 2^-11 ~ 5e-4);
+    applied to bfloat16 parameters it rounds back to the same value and the
+    model never moves. Here the update is accumulated in a float32 master copy
+    and the parameters are the master rounded to their own dtype, so small
+    updates add up over steps. The inner optimizer sees float32 gradients and
+    parameters, so its moments are float32 too.
+
+    Why the copy lives in the optimizer state rather than making the train
+    state float32 and casting to bf16 for compute: everything else in a run
+    (the model graph, evaluation, checkpoints of `params`, the merge, the HF
+    export) keeps seeing parameters in the model's declared `param_dtype`, and
+    nothing outside the optimizer has to know about mixed precision. The
+    master is checkpointed with the optimizer state, so a resume is exact, and
+    it carries the parameters' sharding metadata, so it is laid out like them.
+
+    `params` must be passed to `update`. Float32 leaves are copied too (the
+    wrapper is meant for runs whose parameters are narrower).
+    """
+
+    def init(params):
+        master = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+        return MasterWeightsState(master, inner.init(master))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("with_master_weights needs the parameters in update()")
+        grads32 = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads)
+        updates32, inner_state = inner.update(grads32, state.inner, state.master)
+        master = optax.apply_updates(state.master, updates32)
+        # The returned update takes each parameter exactly to its master rounded to the
+        # parameter's dtype (apply_updates adds in float32, then casts back).
+        updates = jax.tree.map(
+            lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32),
+            master, params)
+        return updates, MasterWeightsState(master, inner_state)
+
+    return optax.GradientTransformation(init, update)
 
 
 def stack(tree: Any, k: int) -> Any:

@@ -24,7 +24,7 @@ from psm.evaluation import lm, runner
 from psm.models import hf_llama, registry
 from psm.models._fields import DTYPES
 from psm.training import (base_model, checkpoint, diagnostics, encoder_task, replicas, report,
-                          sharding)
+                          sharding, throughput)
 from psm.training import workdir as wd
 from psm.training.metrics import MetricWriter, read_metrics
 
@@ -230,12 +230,18 @@ def _encode_encoder_split(task, tokenizer, split: str, max_len: int):
 
 
 def make_optimizer(config, total_steps: int):
-    """The run's optimizer from config.optim: (transformation, learning-rate schedule)."""
+    """The run's optimizer from config.optim: (transformation, learning-rate schedule).
+
+    Parameters narrower than float32 (config.model.param_dtype 'bfloat16' or
+    'float16') are updated through a float32 master copy
+    (`replicas.with_master_weights`), so updates below half an ulp still add up.
+    """
     return replicas.make_optimizer(
         learning_rate=config.optim.learning_rate, total_steps=total_steps,
         warmup_steps=config.optim.warmup_steps, schedule=config.optim.schedule,
         weight_decay=config.optim.weight_decay, b1=config.optim.b1, b2=config.optim.b2,
-        clip_norm=config.optim.clip_norm)
+        clip_norm=config.optim.clip_norm,
+        master_weights=config.model.get("param_dtype", "float32") != "float32")
 
 
 def row_name(config, method: str) -> str:
@@ -425,8 +431,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # -------------------------------------------------------------- train loop
     pending: list[tuple[int, dict]] = []  # device metrics not yet checked / logged
 
-    def flush(upto: int) -> None:
-        """Checks and logs pending metrics; raises on a non-finite loss."""
+    # Speed: the clock starts once the first (compiling) step of this invocation has
+    # finished; each log row reports the window since the previous one, measured at
+    # the log boundary after block_until_ready on the state, minus the time spent in
+    # evaluation and checkpointing (psm.training.throughput.StepTimer).
+    timer = throughput.StepTimer(throughput.flops_per_token(model_cfg, config.task.max_len),
+                                 throughput.peak_flops(), devices=mesh.size)
+
+    def flush(upto: int, speed: dict | None = None) -> None:
+        """Checks and logs pending metrics (the last log row gets `speed`); raises on a
+        non-finite loss."""
         if not pending:
             return
         host = jax.device_get(pending)
@@ -442,25 +456,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 writer.write(step + 1, **{"train/loss": loss,
                                           "train/grad_norm": np.asarray(m["grad_norm"]),
                                           "train/lr": float(lr_schedule(step)),
-                                          "epoch": (step + 1) / steps_per_epoch})
+                                          "epoch": (step + 1) / steps_per_epoch,
+                                          **(speed or {})})
 
     t_train = time.time()
+    bar = tqdm(range(start, total_steps), desc="train K replicas", initial=start,
+               total=total_steps, mininterval=2.0)
     with jax.set_mesh(mesh):
-        for step in tqdm(range(start, total_steps), desc="train K replicas",
-                         initial=start, total=total_steps, mininterval=2.0):
+        for step in bar:
             idx = orders.batch_indices(step, **order_kw)
-            batch = jax.device_put(gather_batch(train_arrays, idx), batch_sh)
+            host_batch = gather_batch(train_arrays, idx)
+            batch = jax.device_put(host_batch, batch_sh)
             params_k, opt_k, metrics = train_step(params_k, opt_k, batch)
             pending.append((step, metrics))
             done = step + 1
-            if done % config.train.log_every == 0 or ckpt.should_save(done) or \
-                    done == total_steps:
-                flush(total_steps)
+            if timer.running:
+                timer.add(*throughput.token_counts(host_batch))
+            else:  # the compiling step: not timed
+                jax.block_until_ready((params_k, opt_k))
+                timer.start()
+            log_now = done % config.train.log_every == 0 or done == total_steps
+            speed = None
+            if log_now:
+                jax.block_until_ready((params_k, opt_k))
+                speed = timer.lap()
+                if speed:
+                    bar.set_postfix_str(f"{speed['perf/tokens_per_s']:,.0f} tok/s",
+                                        refresh=False)
+            if log_now or ckpt.should_save(done):
+                flush(total_steps, speed)
             if config.train.eval_every and done % config.train.eval_every == 0:
-                _eval_during_training(writer, done, eval_loss, eval_step, params_k, val_arrays,
-                                      config)
+                with timer.excluded():
+                    _eval_during_training(writer, done, eval_loss, eval_step, params_k,
+                                          val_arrays, config)
             if ckpt.should_save(done) or done == total_steps:
-                ckpt.save(done, {"params": params_k, "opt_state": opt_k})
+                with timer.excluded():
+                    ckpt.save(done, {"params": params_k, "opt_state": opt_k})
+    bar.close()
     ckpt.close()
     train_seconds = time.time() - t_train
 
@@ -543,6 +575,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # nothing left to train), so a resume can be checked from the outside.
         "resumed_from_step": start,
         # merge: includes greedy soup's validation passes; barrier: the diagnostics.
+        # Mean training speed over the timed steps (psm.training.throughput): tokens/s
+        # of all tokens and of loss tokens, summed over the K replicas; mfu None when
+        # the device's peak is unknown (CPU).
+        "speed": timer.summary(),
         "seconds": {"train": train_seconds, "merge": merge_seconds,
                     "barrier": barrier_seconds, "total": time.time() - t_start},
         "plots": [os.path.relpath(p, workdir) for p in plots],
