@@ -6,7 +6,10 @@
 Seed s trains `config` with `config.data_seed = <base data_seed> + s` (new K data orders;
 the base model, merge draws and hyper-parameters are unchanged) into `<workdir>/seed<s>/`
 through `psm.training.trainer.train_and_evaluate`. A rerun resumes: a seed whose `results.json`
-exists is never retrained, an unfinished one resumes from its checkpoints. Then the
+exists for this config is never retrained, an unfinished one resumes from its checkpoints.
+Overrides of merge or export keys only (e.g. `--config.merge.storage_dtype=bfloat16`) merge
+and evaluate every seed's trained replicas again without training a step (copy the folder
+first, `cp -al <workdir> <new>`, to keep the earlier report beside the new one). Then the
 report over all seeds is written into the workdir (`RESULTS.md`, `report.json`,
 `plots/`, see `psm.experiment_report`); `--report_only` rebuilds it from the seed folders
 without training.
@@ -52,6 +55,10 @@ def seed_config(config, s: int):
 def check_seed_folders(config, workdir: str, seeds: int) -> None:
     """Refuses, before any training, seed folders that hold a run of another config.
 
+    A seed folder whose config differs only after training (merge / export keys,
+    `psm.training.workdir.POST_TRAINING_KEYS`) is accepted: `run_seeds` merges and
+    evaluates its trained replicas again.
+
     Raises:
       ValueError: naming the seed folder and the differing config keys.
     """
@@ -61,11 +68,20 @@ def check_seed_folders(config, workdir: str, seeds: int) -> None:
             continue
         existing = _read_json(path)
         wanted = wd.config_to_dict(seed_config(config, s))
-        if existing != wanted:
-            diff = sorted(wd._diff_keys(existing, wanted))
+        diff = wd.training_keys(wd._diff_keys(existing, wanted))
+        if diff:
             raise ValueError(f"{path} holds a run of a different config (differing keys: "
                              f"{', '.join(diff[:20])}); use a new --workdir or the same config "
                              "and overrides")
+
+
+def seed_finished(config, workdir: str, s: int) -> bool:
+    """True when seed s's folder holds results.json of exactly this config."""
+    folder = seed_dir(workdir, s)
+    if not os.path.exists(os.path.join(folder, "results.json")):
+        return False
+    return _read_json(os.path.join(folder, "config.json")) == \
+        wd.config_to_dict(seed_config(config, s))
 
 
 def run_seeds(config, workdir: str, seeds: int, train_fn=None) -> list[int]:
@@ -79,7 +95,7 @@ def run_seeds(config, workdir: str, seeds: int, train_fn=None) -> list[int]:
     trained = []
     for s in range(seeds):
         folder = seed_dir(workdir, s)
-        if os.path.exists(os.path.join(folder, "results.json")):
+        if seed_finished(config, workdir, s):
             log.info("seed %d: finished (%s/results.json), not retrained", s, folder)
             continue
         log.info("seed %d: data_seed %d -> %s", s, config.data_seed + s, folder)

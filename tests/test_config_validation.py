@@ -95,6 +95,33 @@ def test_workdir_with_progress_is_still_refused(tmp_path, progress):
         wd.prepare(str(workdir), new)
 
 
+@pytest.mark.parametrize("progress", ["checkpoint", "results"])
+def test_a_trained_run_may_change_only_what_happens_after_training(tmp_path, caplog, progress):
+    """merge.* / export.* act after the last step: a trained run takes new values (and its
+    stale results.json goes, so a killed re-evaluation is not read as finished); any
+    training key in the difference still refuses the workdir, naming only that key."""
+    old = tiny.get_config("test")
+    workdir = tmp_path / "run"
+    _write_failed_start(workdir, old)
+    os.makedirs(workdir / "checkpoints" / "6")
+    if progress == "results":
+        (workdir / "results.json").write_text("{}")
+    new = tiny.get_config("test")
+    new.merge.storage_dtype, new.export.hf = "bfloat16", ()
+    with caplog.at_level(logging.WARNING, logger="psm.training.workdir"):
+        assert wd.prepare(str(workdir), new) is True
+    assert "differs only after training (export.hf, merge.storage_dtype)" in caplog.text
+    assert json.loads((workdir / "config.json").read_text()) == wd.config_to_dict(new)
+    assert not (workdir / "results.json").exists()
+    assert (workdir / "base" / "6").is_dir()  # the base does not depend on merge keys
+
+    newer = tiny.get_config("test")
+    newer.merge.resample, newer.optim.learning_rate = 5, 5e-4
+    with pytest.raises(ValueError, match=r"differing keys: optim\.learning_rate\); .*only "
+                                         r"keys under merge, export may change"):
+        wd.prepare(str(workdir), newer)
+
+
 def _train_cli(tmp_path, *overrides):
     workdir = tmp_path / "cli"
     proc = subprocess.run(

@@ -246,6 +246,24 @@ def test_unfinished_seeds_only_are_trained(tmp_path):
     assert calls == [(1, str(tmp_path / "seed1")), (2, str(tmp_path / "seed2"))]
 
 
+def test_a_merge_change_re_evaluates_finished_seeds(tmp_path):
+    """A finished seed is skipped only when its config is this one; one that differs in
+    merge keys only is handed to training again (which then merges and evaluates its
+    trained replicas without training: tests/test_resume.py)."""
+    for s in (0, 1):
+        write_seed(str(tmp_path / f"seed{s}"), s)
+        with open(tmp_path / f"seed{s}" / "config.json", "w") as f:
+            json.dump(wd.config_to_dict(experiment.seed_config(_config(), s)), f)
+    assert experiment.run_seeds(_config(), str(tmp_path), 2, train_fn=lambda c, w: 1 / 0) == []
+    c = _config()
+    c.merge.storage_dtype = "bfloat16"
+    calls = []
+    assert experiment.run_seeds(c, str(tmp_path), 2,
+                                train_fn=lambda c, w: calls.append(c.merge.storage_dtype)) \
+        == [0, 1]
+    assert calls == ["bfloat16", "bfloat16"]
+
+
 @pytest.fixture(scope="module")
 def experiment_dir(tmp_path_factory):
     """`python -m psm.experiment` on tiny:test (shrunk), two seeds."""

@@ -107,6 +107,18 @@ def test_crashed_run_resumes_at_its_last_checkpoint(tmp_path, monkeypatch):
     assert _rows(workdir) == rows
     assert again["models"] == reference["models"]
 
+    # Changing only what happens after training re-merges the trained replicas without
+    # training a step: bfloat16 storage, as released checkpoints would be merged.
+    c.merge.storage_dtype = "bfloat16"
+    calls = _counting_steps(monkeypatch)
+    remerged = trainer.train_and_evaluate(c, workdir)
+    assert calls == [] and remerged["resumed_from_step"] == total
+    assert _rows(workdir) == rows
+    assert remerged["storage_dtype"] == "bfloat16" and reference["storage_dtype"] == "float32"
+    assert json.load(open(os.path.join(workdir, "results.json")))["storage_dtype"] == "bfloat16"
+    replicas_only = lambda models: {k: v for k, v in models.items() if k.startswith("replica")}
+    assert replicas_only(remerged["models"]) != replicas_only(reference["models"])  # rounded
+
 
 
 def test_resume_drops_a_torn_last_metrics_line_and_refuses_a_corrupt_one(tmp_path):

@@ -4,7 +4,12 @@ A workdir belongs to one config: rerunning the same config resumes; a
 different config is refused instead of silently mixing two runs' checkpoints.
 A workdir that holds only a failed start (config.json, no checkpoint and no
 results) has nothing to mix, so it is taken over by the new config with a
-warning.
+warning. A config that differs only in what happens after training
+(`POST_TRAINING_KEYS`: the merge and the export) is also accepted: training
+resumes or is already done, and the replicas are merged, evaluated and exported
+again with the new values (the earlier results.json is removed first, so a
+killed re-evaluation is never mistaken for a finished one). This is how a
+trained run is re-merged, e.g. with `--config.merge.storage_dtype=bfloat16`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ log = logging.getLogger(__name__)
 
 # Config keys (prefixes) the cached pre-trained base in <workdir>/base depends on.
 _BASE_KEYS = ("seed", "model.", "pretrain.", "task.")
+
+# Config sections that act only after the last training step: a run may change them.
+POST_TRAINING_KEYS = ("merge.", "export.")
+
+
+def training_keys(diff) -> list[str]:
+    """The keys of `diff` (dotted config keys) that change training itself."""
+    return sorted(k for k in diff if not k.startswith(POST_TRAINING_KEYS))
 
 
 def config_to_dict(config) -> dict:
@@ -86,10 +99,21 @@ def prepare(workdir: str, config) -> bool:
         if existing == wanted:
             return True
         diff = sorted(_diff_keys(existing, wanted))
+        if has_progress(workdir) and not training_keys(diff):
+            log.warning("workdir %s: the config differs only after training (%s); the trained "
+                        "replicas are merged and evaluated again with the new values",
+                        workdir, ", ".join(diff[:20]))
+            results = os.path.join(workdir, "results.json")
+            if os.path.exists(results):
+                os.remove(results)
+            _write_config(path, wanted)
+            return True
         if has_progress(workdir):
             raise ValueError(
                 f"workdir {workdir!r} holds a run of a different config (differing keys: "
-                f"{', '.join(diff[:20])}); use a new --workdir or the same config")
+                f"{', '.join(training_keys(diff)[:20])}); use a new --workdir or the same config (only "
+                f"keys under {', '.join(k.rstrip('.') for k in POST_TRAINING_KEYS)} may change "
+                "on a trained run)")
         log.warning("workdir %s holds only a failed start of a different config (no "
                     "checkpoint, no results; differing keys: %s); reusing it for this config",
                     workdir, ", ".join(diff[:20]))
