@@ -47,10 +47,13 @@ def check_writable(workdir: str, what: str = "workdir") -> None:
         raise PermissionError(f"{what} {workdir} {problem} (permission denied)")
 
 
-def prepare(workdir: str, config) -> bool:
+def prepare(workdir: str, config, *, write: bool = True) -> bool:
     """Creates `workdir`, checks it is writable and that it holds this config's run.
 
-    Writes `config.json` on first use.
+    Writes `config.json` on first use. With `write=False` (the processes of a
+    multi-process run other than process 0) nothing is created or written: the
+    same checks are made on what is there, so every process refuses the same
+    workdir.
 
     Returns:
       True when the workdir already held a run of this config (a resume), or a
@@ -60,6 +63,8 @@ def prepare(workdir: str, config) -> bool:
       PermissionError: the workdir cannot be written.
       ValueError: the workdir holds a run of a different config (lists the keys).
     """
+    if not write:
+        return _check_only(workdir, config)
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, ".write_probe")
@@ -94,6 +99,23 @@ def prepare(workdir: str, config) -> bool:
         return True
     _write_config(path, wanted)
     return False
+
+
+def _check_only(workdir: str, config) -> bool:
+    """`prepare`'s refusal of another config's run, without writing anything."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        existing = json.load(f)
+    if existing == config_to_dict(config):
+        return True
+    if has_progress(workdir):
+        diff = sorted(_diff_keys(existing, config_to_dict(config)))
+        raise ValueError(
+            f"workdir {workdir!r} holds a run of a different config (differing keys: "
+            f"{', '.join(diff[:20])}); use a new --workdir or the same config")
+    return True
 
 
 def has_progress(workdir: str) -> bool:
