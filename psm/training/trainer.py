@@ -406,11 +406,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = sharding.mesh_from_config(config, batch_size)
     batch_sh = sharding.batch_sharding(mesh)
     tx, lr_schedule = make_optimizer(config, total_steps)
-    placed = base
+    # The replicas are stacked from a host copy of `base`: a cached base is restored
+    # committed to one device, which a jit onto the whole mesh refuses. Several
+    # processes each made `base` on their own devices: all take process 0's bits.
+    placed = distributed.from_primary(base)
     if distributed.is_multiprocess():
-        # Each process made `base` on its own devices: all continue from process
-        # 0's bits, and a host copy is the same global value in every process.
-        placed = distributed.from_primary(base)
         base = jax.tree.map(jnp.asarray, placed)
     params_k, opt_k, state_sh, opt_sh = replicas.place_state(placed, k, tx, mesh)
     if encoder:
