@@ -406,12 +406,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = sharding.mesh_from_config(config, batch_size)
     batch_sh = sharding.batch_sharding(mesh)
     tx, lr_schedule = make_optimizer(config, total_steps)
-    # The replicas are stacked from a host copy of `base`: a cached base is restored
-    # committed to one device, which a jit onto the whole mesh refuses. Several
-    # processes each made `base` on their own devices: all take process 0's bits.
-    placed = distributed.from_primary(base)
+    # The replicas are stacked from a host copy of `base` when it is pinned to one
+    # device (a cached base is restored so), which a jit onto the whole mesh
+    # refuses. Several processes each made `base` on their own devices: all take
+    # process 0's bits.
+    placed = base
     if distributed.is_multiprocess():
+        placed = distributed.from_primary(base)
         base = jax.tree.map(jnp.asarray, placed)
+    elif any(getattr(x, "committed", False) for x in jax.tree.leaves(base)):
+        placed = jax.device_get(base)
     params_k, opt_k, state_sh, opt_sh = replicas.place_state(placed, k, tx, mesh)
     if encoder:
         train_step = encoder_task.make_train_step(graphdef, tx, state_sh, batch_sh, opt_sh)
