@@ -466,7 +466,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t_train = time.time()
     with jax.set_mesh(mesh):
         for step in tqdm(range(start, total_steps), desc="train K replicas",
-                         initial=start, total=total_steps, mininterval=2.0):
+                         initial=start, total=total_steps, mininterval=2.0,
+                         disable=not primary):
             idx = orders.batch_indices(step, **order_kw)
             # Each process gathers only the rows of its own shards.
             batch = distributed.global_batch(gather_batch, train_arrays, idx, batch_sh)
