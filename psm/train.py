@@ -6,6 +6,17 @@ a misspelt key is an error). Rerunning with the same workdir resumes.
 A misspelt key, a bad value, a missing config file or an unwritable workdir is
 reported in one line (with the nearest key for a misspelling), exit status 2,
 before anything is written (`psm.cli`; `--verbose` adds the traceback).
+
+Several processes (one per host, or several on one host) run one job on one
+mesh: start each with the same command plus
+
+  --coordinator=host:port --num_processes=N --process_id=i
+
+(host:port: where process 0 listens). Without these flags, an environment that
+`jax.distributed.initialize()` recognises (JAX_COORDINATOR_ADDRESS set, a
+multi-host Cloud TPU slice, Slurm, ...) starts one process per host with no
+flags; anywhere else the run is a single process. Only process 0 writes the
+workdir's files; every process writes its part of the checkpoints.
 """
 
 import logging
@@ -24,6 +35,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and "
                                "reports; rerunning on it resumes.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "Several processes: host:port of process 0's coordinator (give "
+    "--num_processes and --process_id too).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Several processes: how many take part.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "Several processes: this one's id, in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +51,19 @@ def main(argv):
     workdir.check_writable(_WORKDIR.value)  # creates nothing
     # Imported here, not at the top: a refused flag or workdir is then reported
     # before JAX and the model code are imported (seconds).
+    from psm.training import distributed
+    try:
+        distributed.check_flags(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+        raise cli.UserError(str(e)) from e
+    # Before any JAX computation (the config checks below already list devices).
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from psm.training import trainer
+    try:
+        # Every process stops, naming the keys, when another was given a different config.
+        distributed.check_same_config(workdir.config_to_dict(_CONFIG.value))
+    except ValueError as e:
+        raise cli.UserError(str(e)) from e
     try:
         # Before anything is written or computed: a rerun with the corrected value
         # then starts clean.
@@ -46,7 +76,8 @@ def main(argv):
         absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("psm").setLevel(logging.INFO)
     import jax
-    logging.getLogger("psm").info("JAX devices: %s", jax.devices())
+    logging.getLogger("psm").info("process %d of %d; JAX devices: %s", jax.process_index(),
+                                  jax.process_count(), jax.devices())
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

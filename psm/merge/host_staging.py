@@ -83,7 +83,8 @@ def host_empty(size: int, dtype) -> np.ndarray:
 def host_device(x):
     """The CPU device of a single-device host array, or None if x is not one."""
     if isinstance(x, np.ndarray):
-        return jax.devices("cpu")[0]
+        # This process's CPU: with several processes devices("cpu")[0] is process 0's.
+        return jax.local_devices(backend="cpu")[0]
     if not isinstance(x, jax.Array) or not x.is_fully_addressable:
         return None
     devices = x.devices()

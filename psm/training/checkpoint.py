@@ -5,6 +5,11 @@ A checkpoint holds the stacked replica state (`params [K, ...]`, optimizer state
 the step, so nothing else is needed to resume bit-identically. Orbax writes
 each step to a temporary folder and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact.
+
+Several processes: every process calls `save` and `restore` (orbax writes each
+array's shards from the process that holds them and syncs the processes).
+Arrays local to each process (the pre-trained base, made on every process's own
+devices) are saved and restored as replicated global arrays.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 class Checkpointer:
@@ -45,18 +52,52 @@ class Checkpointer:
         """Writes `state` (a pytree of arrays) as checkpoint `step`."""
         if step in self._manager.all_steps():
             return
-        self._manager.save(step, args=ocp.args.StandardSave(state))
+        self._manager.save(step, args=ocp.args.StandardSave(_global(state)))
         self._manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> Any:
         """Restores checkpoint `step` with the structure, dtypes and shardings of `like`."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _global(like, abstract=True))
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        restored = _local_like(restored, like)
         # Arrays restored by orbax may not be donatable; copy them through jit.
         return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(restored)
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _is_local(x) -> bool:
+    """A leaf that lives on this process's devices only (several processes)."""
+    return jax.process_count() > 1 and isinstance(x, jax.Array) and x.is_fully_addressable
+
+
+def _global(tree: Any, abstract: bool = False) -> Any:
+    """`tree` with its process-local leaves as global arrays replicated on every device
+    (every process holds the same value; orbax refuses to save process-local arrays).
+    `abstract`: ShapeDtypeStructs instead, for a restore."""
+    if jax.process_count() == 1:
+        return tree
+    everywhere = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)),
+                               PartitionSpec())
+
+    def one(x):
+        if not _is_local(x):
+            return x
+        if abstract:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, everywhere, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
+
+
+def _local_like(restored: Any, like: Any) -> Any:
+    """Leaves restored as replicated global arrays back on this process's device."""
+    if jax.process_count() == 1:
+        return restored
+    return jax.tree.map(lambda r, x: jnp.asarray(np.asarray(r)) if _is_local(x) else r,
+                        restored, like)
 
 
 def restore_tree(path: str, like: Any) -> Any:

@@ -24,12 +24,19 @@ def _jsonable(v):
 
 
 class MetricWriter:
-    """Appends metrics to `metrics.jsonl` (flushed per write, so a crash loses nothing)."""
+    """Appends metrics to `metrics.jsonl` (flushed per write, so a crash loses nothing).
 
-    def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+    `enabled=False` (processes other than 0 of a multi-process run) writes and
+    logs nothing.
+    """
+
+    def __init__(self, workdir: str, filename: str = "metrics.jsonl", *, enabled: bool = True):
         self.path = os.path.join(workdir, filename)
+        self.enabled = enabled
 
     def write(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:

@@ -4,6 +4,12 @@ Phases (each a banner below): checks, task and data, base model, replicas and
 mesh, restore, train loop, merge, evaluate, report. Everything random flows
 from config seeds; rerunning a config on a workdir resumes from its latest
 checkpoint and ends with bit-identical parameters.
+
+Several processes (`psm.training.distributed`) run this same function: the
+train loop works on global arrays (each process builds its own batch shards,
+every process saves and restores the checkpoints); the trained replicas are
+then copied to every process, which merges and evaluates them on its own
+devices; only process 0 writes the run's files.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from psm.data import orders, paper_tasks, tasks
 from psm.evaluation import lm, runner
 from psm.models import hf_llama, registry
 from psm.models._fields import DTYPES
-from psm.training import (base_model, checkpoint, diagnostics, encoder_task, replicas, report,
-                          sharding, throughput)
+from psm.training import (base_model, checkpoint, diagnostics, distributed, encoder_task,
+                          replicas, report, sharding, throughput)
 from psm.training import workdir as wd
 from psm.training.metrics import MetricWriter, read_metrics
 
@@ -362,12 +368,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) the whole job and returns the results dict (also in results.json)."""
     t_start = time.time()
     # ------------------------------------------------------------------ checks
+    # Several processes: all stop here, with the same message, on different configs.
+    distributed.check_same_config(wd.config_to_dict(config))
     validate_config(config)
-    resuming = wd.prepare(workdir, config)
+    primary = distributed.is_primary()  # the one process that writes the run's files
+    resuming = wd.prepare(workdir, config, write=primary)
     k = config.num_replicas
-    writer = MetricWriter(workdir)
-    if resuming:  # a corrupt metrics.jsonl is refused now, not after the base model is built
-        read_metrics(workdir, torn_tail="drop")
+    writer = MetricWriter(workdir, enabled=primary)
+    if resuming and primary:  # a corrupt metrics.jsonl is refused now, not after the base
+        read_metrics(workdir, torn_tail="drop")  # model is built
 
     # ------------------------------------------------- base model, task, data
     encoder = encoder_task.is_encoder(config)
@@ -405,7 +414,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = sharding.mesh_from_config(config, batch_size)
     batch_sh = sharding.batch_sharding(mesh)
     tx, lr_schedule = make_optimizer(config, total_steps)
-    params_k, opt_k, state_sh, opt_sh = replicas.place_state(base, k, tx, mesh)
+    # The replicas are stacked from a host copy of `base` when it is pinned to one
+    # device (a cached base is restored so), which a jit onto the whole mesh
+    # refuses. Several processes each made `base` on their own devices: all take
+    # process 0's bits.
+    placed = base
+    if distributed.is_multiprocess():
+        placed = distributed.from_primary(base)
+        base = jax.tree.map(jnp.asarray, placed)
+    elif any(getattr(x, "committed", False) for x in jax.tree.leaves(base)):
+        placed = jax.device_get(base)
+    params_k, opt_k, state_sh, opt_sh = replicas.place_state(placed, k, tx, mesh)
     if encoder:
         train_step = encoder_task.make_train_step(graphdef, tx, state_sh, batch_sh, opt_sh)
         eval_step = encoder_task.make_eval_step(graphdef)
@@ -424,8 +443,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         restored = ckpt.restore(start, {"params": params_k, "opt_state": opt_k})
         params_k, opt_k = restored["params"], restored["opt_state"]
         log.info("resumed from the checkpoint at step %d of %d", start, total_steps)
-        _truncate_metrics(writer.path, start)
-    elif resuming:
+        if primary:
+            _truncate_metrics(writer.path, start)
+    elif resuming and primary:
         _truncate_metrics(writer.path, 0)
 
     # -------------------------------------------------------------- train loop
@@ -443,9 +463,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         non-finite loss."""
         if not pending:
             return
-        host = jax.device_get(pending)
+        steps = [step for step, _ in pending]
+        host = distributed.to_host([m for _, m in pending])  # [K] per metric, all replicas
         pending.clear()
-        for step, m in host:
+        for step, m in zip(steps, host):
             loss = np.asarray(m["loss"])
             if not np.all(np.isfinite(loss)):
                 bad = [int(i) for i in np.nonzero(~np.isfinite(loss))[0]]
@@ -461,17 +482,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     t_train = time.time()
     bar = tqdm(range(start, total_steps), desc="train K replicas", initial=start,
-               total=total_steps, mininterval=2.0)
+               total=total_steps, mininterval=2.0, disable=not primary)
     with jax.set_mesh(mesh):
         for step in bar:
             idx = orders.batch_indices(step, **order_kw)
-            host_batch = gather_batch(train_arrays, idx)
-            batch = jax.device_put(host_batch, batch_sh)
+            # Each process gathers only the rows of its own shards.
+            batch = distributed.global_batch(gather_batch, train_arrays, idx, batch_sh)
             params_k, opt_k, metrics = train_step(params_k, opt_k, batch)
             pending.append((step, metrics))
             done = step + 1
-            if timer.running:
-                timer.add(*throughput.token_counts(host_batch))
+            if timer.running:  # the counts of the whole [K, B, T] batch (a cheap host gather)
+                timer.add(*throughput.token_counts(gather_batch(train_arrays, idx)))
             else:  # the compiling step: not timed
                 jax.block_until_ready((params_k, opt_k))
                 timer.start()
@@ -495,6 +516,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     bar.close()
     ckpt.close()
     train_seconds = time.time() - t_train
+    # Several processes: every process continues with all K replicas on its own
+    # devices (the merges and evaluations below read host values throughout).
+    params_k = distributed.to_local(params_k)
 
     # ------------------------------------------------------------------ merge
     # Every row is scored from the replicas as stored (config.merge.storage_dtype),
@@ -511,7 +535,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     merged = merge_models(config, params_k, base, val_loss=val_loss_fn, record=chosen)
     merged = jax.block_until_ready(merged)
     merge_seconds = time.time() - t_merge
-    exported = _export_hf(config, workdir, model_cfg, merged, tokenizer)
+    exported = _export_hf(config, workdir, model_cfg, merged, tokenizer) if primary else {}
 
     # --------------------------------------------------------------- evaluate
     names = [f"replica {i}" for i in range(k)] + [row_name(config, m)
@@ -539,14 +563,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ----------------------------------------------------------------- report
     merged_names = names[k:]
     ids = [e["id"] for e in task.splits["train"]]
-    report.write_per_sample(workdir, ids, positions, train_losses[:k],
-                            dict(zip(merged_names, train_losses[k:])))
-    (encoder_task if encoder else report).write_test_predictions(
-        workdir, {n: scored[n]["per_example"] for n in names})
+    if primary:
+        report.write_per_sample(workdir, ids, positions, train_losses[:k],
+                                dict(zip(merged_names, train_losses[k:])))
+        (encoder_task if encoder else report).write_test_predictions(
+            workdir, {n: scored[n]["per_example"] for n in names})
     stats = imbalance.imbalance_report(positions, train_losses[:k], config.eval.num_bins)
     merged_trend = {name: imbalance.trend(positions[0], train_losses[k + j], config.eval.num_bins)
                     for j, name in enumerate(merged_names)}
-    plots = imbalance.redraw(workdir, config.eval.num_bins)
+    plots = imbalance.redraw(workdir, config.eval.num_bins) if primary else []
     models = {name: {"val_loss": float(val_loss[m]), "test_accuracy": float(accuracy[m]),
                      "train_loss": float(train_losses[m].mean())}
               for m, name in enumerate(names)}
@@ -584,6 +609,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "plots": [os.path.relpath(p, workdir) for p in plots],
         "exported": exported,
     }
+    if not primary:
+        return results
     wd.write_json(workdir, "results.json", results)
     print(report.format_table(results, k))
     if barrier is not None:
@@ -668,7 +695,9 @@ def _eval_during_training(writer, step, eval_loss, eval_step, params_k, val_arra
     """Validation loss of each replica and of their uniform average (paper Fig. 4).
 
     `eval_loss`: `runner.validation_loss` (decoders) or `encoder_task.validation_loss`.
+    Several processes: each scores a host copy of the replicas on its own devices.
     """
+    params_k = distributed.to_local(params_k)
     avg = merge.average(params_k, stacked=True)
     models = jax.tree.map(lambda s, a: jnp.concatenate([s, a[None]]), params_k, avg)
     losses = eval_loss(eval_step, models, val_arrays, config.eval.batch_size)

@@ -70,19 +70,31 @@ def check_writable(workdir: str, what: str = "workdir") -> None:
         raise PermissionError(f"{what} {workdir} {problem} (permission denied)")
 
 
-def prepare(workdir: str, config) -> bool:
+def prepare(workdir: str, config, *, write: bool = True) -> bool:
     """Creates `workdir`, checks it is writable and that it holds this config's run.
 
-    Writes `config.json` on first use.
+    Writes `config.json` on first use. With `write=False` (the processes of a
+    multi-process run other than process 0) nothing is created or written: the
+    same checks are made on what is there, so every process refuses the same
+    workdir.
 
     Returns:
-      True when the workdir already held a run of this config (a resume), or a
-      failed start of another config that is taken over (its partial records
-      are then truncated by the caller like a resume from step 0).
+      True when the workdir already held a run of this config (a resume), a
+      trained run whose config differs in POST_TRAINING_KEYS only (resumed, then
+      merged and evaluated with the new values), or a failed start of another
+      config that is taken over (its partial records are then truncated by the
+      caller like a resume from step 0).
     Raises:
       PermissionError: the workdir cannot be written.
       ValueError: the workdir holds a run of a different config (lists the keys).
     """
+    wanted = config_to_dict(config)
+    path = os.path.join(workdir, "config.json")
+    if not write:
+        if not os.path.exists(path):
+            return False
+        _compare(workdir, read_config(path), wanted)  # raises for another config's run
+        return True
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, ".write_probe")
@@ -92,28 +104,22 @@ def prepare(workdir: str, config) -> bool:
     except OSError as e:
         raise PermissionError(f"workdir {workdir} is not writable: "
                               f"{e.strerror or e} ({e.filename or workdir})") from e
-    wanted = config_to_dict(config)
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        existing = read_config(path)
-        if existing == wanted:
-            return True
-        diff = sorted(_diff_keys(existing, wanted))
-        if has_progress(workdir) and not training_keys(diff):
-            log.warning("workdir %s: the config differs only after training (%s); the trained "
-                        "replicas are merged and evaluated again with the new values",
-                        workdir, ", ".join(diff[:20]))
-            results = os.path.join(workdir, "results.json")
-            if os.path.exists(results):
-                os.remove(results)
-            _write_config(path, wanted)
-            return True
-        if has_progress(workdir):
-            raise ValueError(
-                f"workdir {workdir!r} holds a run of a different config (differing keys: "
-                f"{', '.join(training_keys(diff)[:20])}); use a new --workdir or the same config (only "
-                f"keys under {', '.join(k.rstrip('.') for k in POST_TRAINING_KEYS)} may change "
-                "on a trained run)")
+    if not os.path.exists(path):
+        _write_config(path, wanted)
+        return False
+    existing = read_config(path)
+    verdict = _compare(workdir, existing, wanted)
+    if verdict == "same":
+        return True
+    diff = sorted(_diff_keys(existing, wanted))
+    if verdict == "after_training":
+        log.warning("workdir %s: the config differs only after training (%s); the trained "
+                    "replicas are merged and evaluated again with the new values",
+                    workdir, ", ".join(diff[:20]))
+        results = os.path.join(workdir, "results.json")
+        if os.path.exists(results):
+            os.remove(results)
+    else:
         log.warning("workdir %s holds only a failed start of a different config (no "
                     "checkpoint, no results; differing keys: %s); reusing it for this config",
                     workdir, ", ".join(diff[:20]))
@@ -123,10 +129,30 @@ def prepare(workdir: str, config) -> bool:
             # The cached base is a function of these keys: pre-train it again.
             log.warning("removing the cached base %s, made for the old config", base)
             shutil.rmtree(base)
-        _write_config(path, wanted)
-        return True
     _write_config(path, wanted)
-    return False
+    return True
+
+
+def _compare(workdir: str, existing: dict, wanted: dict) -> str:
+    """How a workdir's config (`existing`) relates to the wanted one: 'same',
+    'after_training' (a run with progress, differing in POST_TRAINING_KEYS only) or
+    'failed_start' (differing, but nothing trained to mix).
+
+    Raises:
+      ValueError: a run with progress differs in keys that change training.
+    """
+    if existing == wanted:
+        return "same"
+    if not has_progress(workdir):
+        return "failed_start"
+    changed = training_keys(_diff_keys(existing, wanted))
+    if changed:
+        raise ValueError(
+            f"workdir {workdir!r} holds a run of a different config (differing keys: "
+            f"{', '.join(changed[:20])}); use a new --workdir or the same config (only keys "
+            f"under {', '.join(k.rstrip('.') for k in POST_TRAINING_KEYS)} may change on a "
+            "trained run)")
+    return "after_training"
 
 
 def has_progress(workdir: str) -> bool:

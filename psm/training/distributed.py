@@ -1,0 +1,218 @@
+"""Several JAX processes (multi-host): start-up, agreement, who writes, global arrays.
+
+A multi-process run is one program run by N processes (one per host, or
+several on one host), all on one `(replica, fsdp, tensor)` mesh over every
+process's devices. Every process runs the same steps in the same order:
+
+* `initialize` starts JAX's distributed runtime (before any JAX computation);
+* `check_same_config` stops every process when they were given different configs;
+* each process builds only its own shards of the `[K, B, T]` training batch
+  (`global_batch`), so the global batch is the one a single process would build;
+* training state, metrics and checkpoints are global arrays; orbax writes and
+  restores a checkpoint when every process calls it;
+* host copies of global arrays (`to_host`) are gathered from every process;
+* only the primary process (process 0) writes the run's files (metrics,
+  results, per-sample losses, plots, config.json, exports): `is_primary`.
+
+With one process every function here reduces to its single-process meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def check_flags(coordinator: str | None, num_processes: int | None,
+                process_id: int | None) -> bool:
+    """Checks the three multi-process flags; True when they were given.
+
+    Raises:
+      ValueError naming the flag: only some of them given, a count < 1, an id
+      outside [0, num_processes), a coordinator that is not host:port.
+    """
+    given = {"--coordinator": coordinator, "--num_processes": num_processes,
+             "--process_id": process_id}
+    missing = [name for name, v in given.items() if v is None or v == ""]
+    if len(missing) == 3:
+        return False
+    if missing:
+        named = [name for name in given if name not in missing]
+        raise ValueError(f"{', '.join(named)} given without {', '.join(missing)}: a "
+                         "multi-process run needs all three (--coordinator=host:port "
+                         "--num_processes=N --process_id=i), a single-process run none")
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--coordinator={coordinator!r} must be host:port (process 0's "
+                         "address, e.g. localhost:12355)")
+    if num_processes < 1:
+        raise ValueError(f"--num_processes must be >= 1, got {num_processes}")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id={process_id} must lie in [0, {num_processes}) "
+                         f"(--num_processes={num_processes})")
+    return True
+
+
+def cluster_detected() -> bool:
+    """Whether `jax.distributed.initialize()` can find its settings by itself:
+    JAX_COORDINATOR_ADDRESS is set, or JAX recognises the environment (a Cloud
+    TPU VM / GKE TPU slice, Slurm, Open MPI, ...)."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    try:  # JAX's own detectors; private, so a change in JAX means "not detected"
+        from jax._src.clusters import ClusterEnv
+        return any(not env.opt_in_only_method and env.is_env_present()
+                   for env in ClusterEnv._cluster_types)  # noqa: SLF001
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Starts the distributed runtime when asked for (flags) or detected; True if started.
+
+    Must run before any JAX computation (before the first `jax.devices()`).
+    CPU collectives use gloo (CPU has none by default; the setting does not
+    affect GPU or TPU devices).
+    """
+    import jax
+
+    explicit = check_flags(coordinator, num_processes, process_id)
+    if not explicit and not cluster_detected():
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=num_processes, process_id=process_id)
+    else:
+        jax.distributed.initialize()
+    log.info("process %d of %d; %d local devices, %d in all", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def is_primary() -> bool:
+    """True in the process that writes the run's files (process 0)."""
+    import jax
+    return jax.process_index() == 0
+
+
+def is_multiprocess() -> bool:
+    import jax
+    return jax.process_count() > 1
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of a tree of (global) arrays, the same in every process.
+
+    One process: `jax.device_get`. Several: every process's shards are gathered
+    (`multihost_utils.process_allgather`), a collective every process must call.
+    """
+    import jax
+    if not is_multiprocess():
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def to_local(tree: Any) -> Any:
+    """A tree of global arrays as arrays on this process's default device.
+
+    The work after training (merge, evaluation) runs in each process on its own
+    devices from these copies; with one process the tree is returned as is.
+    """
+    if not is_multiprocess():
+        return tree
+    import jax
+    import jax.numpy as jnp
+    return jax.tree.map(jnp.asarray, to_host(tree))
+
+
+def from_primary(tree: Any) -> Any:
+    """Process 0's value of a tree of process-local arrays, as numpy in every process.
+
+    For values each process computed itself (the pre-trained base): every process
+    then continues from the same bits. One process: a host copy.
+    """
+    import jax
+    if not is_multiprocess():
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
+def global_batch(gather: Callable[[dict, np.ndarray], dict], arrays: dict,
+                 indices: np.ndarray, sharding) -> dict:
+    """The batch of rows `indices` `[K, B]` as global arrays `[K, B, ...]` on `sharding`.
+
+    Each process gathers only the rows of the shards its devices hold
+    (`gather(arrays, indices[k0:k1, b0:b1])`), once per distinct shard; the
+    global array equals `jax.device_put(gather(arrays, indices), sharding)`.
+
+    Args:
+      gather: `tasks.gather_batch`-like: (arrays, indices of any shape) -> dict
+        of arrays `indices.shape + row shape`.
+      sharding: a NamedSharding whose spec splits at most the first two axes.
+    """
+    import jax
+    indices = np.asarray(indices)
+    probe = gather(arrays, indices[:1, :1])
+    cache: dict = {}
+
+    def rows(index: tuple) -> dict:
+        key = tuple((s.start, s.stop, s.step) for s in index[:2])
+        if key not in cache:
+            cache[key] = gather(arrays, indices[index[:2]])
+        return cache[key]
+
+    def one(name):
+        shape = indices.shape + probe[name].shape[2:]
+        return jax.make_array_from_callback(
+            shape, sharding, lambda index: rows(index)[name][(slice(None),) * 2 + index[2:]])
+
+    return {name: one(name) for name in probe}
+
+
+def check_same_config(config_dict: dict) -> None:
+    """Stops every process, with the same message, unless all hold the same config.
+
+    Every process's config JSON is gathered (a collective), so that each one
+    can name the keys where another process differs from process 0.
+
+    Raises:
+      ValueError: 'process i differs from process 0 in config keys a, b'.
+    """
+    if not is_multiprocess():
+        return
+    from jax.experimental import multihost_utils
+    text = json.dumps(config_dict, sort_keys=True).encode()
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(text)], np.int64)))
+    width = int(sizes.max())
+    mine = np.zeros(width, np.uint8)
+    mine[:len(text)] = np.frombuffer(text, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(len(sizes), width)
+    configs = [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes.ravel())]
+    problems = []
+    for i, other in enumerate(configs[1:], start=1):
+        keys = sorted(_diff_keys(configs[0], other))
+        if keys:
+            problems.append(f"process {i} differs from process 0 in config keys "
+                            f"{', '.join(keys[:20])}")
+    if problems:
+        raise ValueError("the processes of a multi-process run were given different "
+                         f"configs: {'; '.join(problems)}; give every process the same "
+                         "--config and --config.* overrides")
+
+
+def _diff_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")
