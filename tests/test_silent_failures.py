@@ -57,6 +57,36 @@ def test_cache_follows_the_data_folder(tmp_path):
     assert os.stat(built).st_mtime_ns == stamp
 
 
+def test_cache_is_built_by_one_process_at_a_time(tmp_path):
+    """A second builder (another process: parallel tests, two runs started together) waits
+    for the cache lock instead of building into the same folder, then uses that cache."""
+    import subprocess
+    import sys
+    import textwrap
+    cache, done = str(tmp_path / "cache"), tmp_path / "holder_built"
+    root = _gsm8k_root(tmp_path / "a", ["a0", "a1"])
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, time
+        from psm.data import sources
+        with sources.cache_lock({cache!r}, "gsm8k"):
+            print("locked", flush=True)
+            time.sleep(3)
+            # What `sources.builder` does under the lock (calling it here would wait for
+            # this very lock).
+            sources._prepared(sources.task_spec("gsm8k"), "gsm8k", {cache!r}, {{}},
+                              sources.epath.Path({root!r}) / "gsm8k")
+            pathlib.Path({str(done)!r}).touch()
+        """)], stdout=subprocess.PIPE, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        records = sources.load("gsm8k", "train", data_dir=cache, manual_dir=root)
+        assert done.exists(), "built while another process held the cache lock"
+    finally:
+        assert holder.wait(timeout=120) == 0
+    assert _questions(records) == ["a0", "a1"]
+
+
 def test_cache_is_rebuilt_when_a_file_changes_in_place(tmp_path):
     cache = str(tmp_path / "cache")
     a = _gsm8k_root(tmp_path / "a", ["a0", "a1"])

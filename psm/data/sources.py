@@ -25,7 +25,9 @@ error naming the file (or folder) it is read from (`builders.base.nonempty`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -174,6 +176,29 @@ def builder(task: str, *, data_dir=None, manual_dir=None) -> SourceBuilder:
         config = _alpaca_config(folder)
     data_dir = cache_dir(data_dir)
     kwargs = {"config": config} if config else {}
+    # Two processes (parallel tests, two runs started together) must not build, check or
+    # rebuild one cache at the same time: TFDS renames its finished build onto the cache
+    # folder, and the source record is written after it.
+    with cache_lock(data_dir, spec.dataset):
+        return _prepared(spec, task, data_dir, kwargs, folder)
+
+
+@contextlib.contextmanager
+def cache_lock(data_dir: str, dataset: str):
+    """An exclusive lock on `<data_dir>/.<dataset>.lock` while the block runs (fcntl.flock:
+    released when the holder exits, even if it is killed)."""
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{dataset}.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepared(spec: TaskSpec, task: str, data_dir: str, kwargs: dict, folder) -> SourceBuilder:
+    """`builder`'s work under the cache lock: the cache of `task`, checked against the
+    source files in `folder` and (re)built when needed."""
     b = spec.builder(data_dir=data_dir, file_format="array_record", **kwargs)
     identity = source_identity(folder) if folder is not None else None
     if b.is_prepared() and identity is not None:
