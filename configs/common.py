@@ -44,6 +44,7 @@ def base() -> config_dict.ConfigDict:
     c.pretrain.learning_rate = 3e-3
     c.pretrain.warmup_steps = 0
     c.pretrain.num_documents = 0
+    c.pretrain.qa_fraction = 0.0  # share of documents that are solved word problems (synthetic.make_corpus)
 
     c.optim = config_dict.ConfigDict()  # AdamW, linear warm-up then decay
     c.optim.learning_rate = 1e-4

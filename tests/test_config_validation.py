@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("export.dtype", "int8", r"config\.export\.dtype must be"),
     ("pretrain.steps", 0, r"config\.pretrain\.steps must be >= 1"),
     ("pretrain.learning_rate", -1.0, r"config\.pretrain\.learning_rate must be"),
+    ("pretrain.qa_fraction", 1.5, r"config\.pretrain\.qa_fraction must be a number in \[0, 1\]"),
     ("eval.batch_size", 0, r"config\.eval\.batch_size must be >= 1"),
 ])
 def test_bad_value_fails_before_anything_is_written(tmp_path, key, value, match):

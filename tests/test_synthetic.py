@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from psm.data import synthetic, tasks
 
 
@@ -52,3 +54,36 @@ def test_encode_split_masks_the_response_only_and_counts_truncation():
     assert stats["examples"] == 8 and stats["truncated"] == 0
     _, stats = tasks.encode_split(task, "train", 30)
     assert stats["truncated"] == 8
+
+
+def test_corpus_word_problems_are_solved_and_never_a_task_problem():
+    corpus = synthetic.make_corpus(400, seed=0, qa_fraction=0.75)
+    qa = [d for d in corpus if d.startswith("Q :")]
+    assert 250 <= len(qa) <= 350  # ~75% of 400
+    task = synthetic.make_problems(480, 100, 200, seed=0)
+    task_text = {synthetic.format_prompt(p) + synthetic.format_response(p)
+                 for split in task.values() for p in split}
+    assert not task_text & set(qa)
+    lo, hi = synthetic.CORPUS_QA_START
+    for doc in qa:
+        assert " A : " in doc and re.search(r"#### \d+$", doc)
+        start = int(re.search(r" has (\d+) ", doc).group(1))
+        assert lo <= start < hi  # the task's problems start at 2-9
+        for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", doc):
+            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c)
+
+
+def test_corpus_without_word_problems_is_unchanged_by_the_option():
+    plain = synthetic.make_corpus(200, seed=0)
+    assert plain == synthetic.make_corpus(200, seed=0, qa_fraction=0.0)
+    assert not any(d.startswith("Q :") for d in plain)
+    # The facts and narratives come from their own stream: adding word problems
+    # replaces documents, it does not reshuffle the others.
+    mixed = synthetic.make_corpus(200, seed=0, qa_fraction=0.5)
+    others = [d for d in mixed if not d.startswith("Q :")]
+    assert others == plain[:len(others)]
+
+
+def test_corpus_qa_fraction_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="qa_fraction must be in"):
+        synthetic.make_corpus(10, seed=0, qa_fraction=1.5)

@@ -10,9 +10,11 @@ on any machine without downloads:
       Ann have now ?
       A: 7 + 5 = 12 . 12 - 3 = 9 . #### 9
 
-* `make_corpus(n, seed)`: a pre-training corpus in the same small language
-  (arithmetic facts and short narratives, never in the Q/A format), used to
-  make a base model that knows the words and some arithmetic before fine-tuning.
+* `make_corpus(n, seed, qa_fraction)`: a pre-training corpus in the same small
+  language (arithmetic facts and short narratives, and optionally solved word
+  problems with larger starting amounts than the task's, so never a task
+  problem), used to make a base model that knows the words, some arithmetic
+  and, with qa_fraction > 0, the task family before fine-tuning.
 * `WordTokenizer`: a closed-vocabulary tokenizer for that language; numbers are
   split into digits as in real LLM tokenizers.
 
@@ -81,10 +83,16 @@ class WordTokenizer:
         return " ".join(out)
 
 
-def _problem(rng: np.random.Generator) -> dict:
+# Starting amounts: the task's problems start at 2-9; the pre-training corpus's
+# solved problems start at 10-29, so no corpus problem can be a task problem.
+TASK_START = (2, 10)
+CORPUS_QA_START = (10, 30)
+
+
+def _problem(rng: np.random.Generator, start: tuple[int, int] = TASK_START) -> dict:
     name = NAMES[rng.integers(len(NAMES))]
     item = ITEMS[rng.integers(len(ITEMS))]
-    value = int(rng.integers(2, 10))
+    value = int(rng.integers(*start))
     sentences = [f"{name} has {value} {item} ."]
     steps = []
     for j in range(int(rng.integers(2, 4))):
@@ -147,11 +155,28 @@ def make_problems(num_train: int, num_validation: int, num_test: int, seed: int)
     return out
 
 
-def make_corpus(num_documents: int, seed: int) -> list[str]:
-    """Pre-training documents: arithmetic facts and narratives, no Q/A format."""
+def make_corpus(num_documents: int, seed: int, qa_fraction: float = 0.0) -> list[str]:
+    """Pre-training documents: arithmetic facts and narratives, and (a share
+    `qa_fraction` of the documents) solved word problems in the task's Q/A format.
+
+    The solved problems are of the same family as the task but start at
+    CORPUS_QA_START amounts (10-29) instead of the task's 2-9, so the base learns
+    the format and the chain of thought without seeing any task problem (train,
+    validation or test). With qa_fraction 0 the corpus is the facts and narratives
+    only, identical to what it was before the option existed.
+    """
+    if not 0.0 <= qa_fraction <= 1.0:
+        raise ValueError(f"qa_fraction must be in [0, 1], got {qa_fraction!r}")
     rng = np.random.default_rng([seed, 11])
+    # A separate stream for the Q/A documents, so the other documents do not
+    # depend on qa_fraction.
+    qa_rng = np.random.default_rng([seed, 13])
     docs = []
     for _ in range(num_documents):
+        if qa_fraction > 0 and qa_rng.random() < qa_fraction:
+            p = _problem(qa_rng, CORPUS_QA_START)
+            docs.append(format_prompt(p) + format_response(p))
+            continue
         parts = []
         for _ in range(int(rng.integers(3, 7))):
             kind = rng.random()

@@ -39,7 +39,8 @@ def pretrain_base(config, workdir: str, model_cfg: LlamaConfig, tokenizer):
         if ckpt.latest_step() == pc.steps:
             log.info("Reusing the cached pre-trained base in %s", ckpt.directory)
             return graphdef, ckpt.restore(pc.steps, params)
-        arrays = tasks.encode_lm(tokenizer, synthetic.make_corpus(pc.num_documents, config.seed),
+        arrays = tasks.encode_lm(tokenizer, synthetic.make_corpus(pc.num_documents, config.seed,
+                                                       pc.get("qa_fraction", 0.0)),
                                  config.task.max_len)
         n = len(arrays["tokens"])
         tx, _ = replicas.make_optimizer(

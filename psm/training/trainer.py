@@ -187,6 +187,10 @@ def _validate_model(config) -> None:
                 want = "a finite number > 0" if key == "learning_rate" else (
                     ">= 0" if key == "warmup_steps" else ">= 1")
                 raise ValueError(f"config.pretrain.{key} must be {want}, got {pre[key]!r}")
+        qa = pre.get("qa_fraction", 0.0)
+        if isinstance(qa, bool) or not (isinstance(qa, (int, float)) and 0.0 <= qa <= 1.0):
+            raise ValueError(f"config.pretrain.qa_fraction must be a number in [0, 1], "
+                             f"got {qa!r}")
 
 
 def _check_merge_options(config) -> None:
