@@ -147,7 +147,7 @@ def _config_mismatch(config, path: str, error: Exception) -> None:
     config.json, for a checkpoint that does not restore with --config's structure
     (orbax's own message is a dump of both trees). Returns when they agree."""
     saved = wd.read_config(os.path.join(path, "config.json"))
-    diff = sorted(wd._diff_keys(saved, wd.config_to_dict(config)))
+    diff = sorted(wd.diff_keys(saved, wd.config_to_dict(config)))
     if not diff:
         return
     raise ValueError(

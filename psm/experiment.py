@@ -68,7 +68,7 @@ def check_seed_folders(config, workdir: str, seeds: int) -> None:
             continue
         existing = _read_json(path)
         wanted = wd.config_to_dict(seed_config(config, s))
-        diff = wd.training_keys(wd._diff_keys(existing, wanted))
+        diff = wd.training_keys(wd.diff_keys(existing, wanted))
         if diff:
             raise ValueError(f"{path} holds a run of a different config (differing keys: "
                              f"{', '.join(diff[:20])}); use a new --workdir or the same config "

@@ -191,6 +191,8 @@ def check_same_config(config_dict: dict) -> None:
     if not is_multiprocess():
         return
     from jax.experimental import multihost_utils
+
+    from psm.training import workdir
     text = json.dumps(config_dict, sort_keys=True).encode()
     sizes = np.asarray(multihost_utils.process_allgather(np.array([len(text)], np.int64)))
     width = int(sizes.max())
@@ -200,7 +202,7 @@ def check_same_config(config_dict: dict) -> None:
     configs = [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes.ravel())]
     problems = []
     for i, other in enumerate(configs[1:], start=1):
-        keys = sorted(_diff_keys(configs[0], other))
+        keys = sorted(workdir.diff_keys(configs[0], other))
         if keys:
             problems.append(f"process {i} differs from process 0 in config keys "
                             f"{', '.join(keys[:20])}")
@@ -209,10 +211,3 @@ def check_same_config(config_dict: dict) -> None:
                          f"configs: {'; '.join(problems)}; give every process the same "
                          "--config and --config.* overrides")
 
-
-def _diff_keys(a, b, prefix=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-    elif a != b:
-        yield prefix.rstrip(".")

@@ -111,7 +111,7 @@ def prepare(workdir: str, config, *, write: bool = True) -> bool:
     verdict = _compare(workdir, existing, wanted)
     if verdict == "same":
         return True
-    diff = sorted(_diff_keys(existing, wanted))
+    diff = sorted(diff_keys(existing, wanted))
     if verdict == "after_training":
         log.warning("workdir %s: the config differs only after training (%s); the trained "
                     "replicas are merged and evaluated again with the new values",
@@ -145,7 +145,7 @@ def _compare(workdir: str, existing: dict, wanted: dict) -> str:
         return "same"
     if not has_progress(workdir):
         return "failed_start"
-    changed = training_keys(_diff_keys(existing, wanted))
+    changed = training_keys(diff_keys(existing, wanted))
     if changed:
         raise ValueError(
             f"workdir {workdir!r} holds a run of a different config (differing keys: "
@@ -172,10 +172,12 @@ def _write_config(path: str, wanted: dict) -> None:
     os.replace(tmp, path)
 
 
-def _diff_keys(a, b, prefix=""):
+def diff_keys(a, b, prefix=""):
+    """Yields the dotted keys where two config dicts differ (a key missing on one side
+    differs)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in set(a) | set(b):
-            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+            yield from diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
     elif a != b:
         yield prefix.rstrip(".")
 
