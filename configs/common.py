@@ -77,7 +77,7 @@ def base() -> config_dict.ConfigDict:
     c.merge = config_dict.ConfigDict()
     # Paper: average, select, select_resample. Beyond it: ties, dare (merges), and the
     # reference rows best_single, greedy_soup (need validation losses) and ensemble
-    # (logit ensemble of the K replicas: K forward passes per token).
+    # (the mean of the K replicas' output probabilities: K forward passes per token).
     c.merge.methods = ("average", "select", "select_resample")
     c.merge.resample = 3  # n extra draws for select_resample
     c.merge.seed = 0

@@ -24,7 +24,7 @@ def get_config(arg=None):
     c.task.max_new_tokens = 4
     c.task.num_train = 8000
     # Reference rows: greedy soup (K - 1 extra validation passes of one model) and the
-    # logit ensemble (K forward passes per token at evaluation).
+    # ensemble (mean of the K output distributions; K forward passes per token).
     c.merge.methods = ("average", "select", "select_resample", "greedy_soup", "ensemble")
     if "smoke" in parts:
         c = common.smoke(c)

@@ -12,7 +12,7 @@ problem; the rest are arithmetic facts and narratives). It then fine-tunes
 K = 4 replicas of that base for 3 epochs on 480 generated arithmetic word
 problems at learning rate 3e-4, each replica in its own data order, merges them
 (average, parameter selection, selection + resampling), adds the reference rows
-greedy soup and logit ensemble, and reports validation loss and test
+greedy soup and the output ensemble, and reports validation loss and test
 exact-match accuracy for every single and merged model, the per-sample loss vs
 first-epoch position trend, and the merge-readiness diagnostics (loss barriers
 between replicas, task-vector geometry).
@@ -96,7 +96,7 @@ def get_config(arg: str | None = None):
     c.checkpoint.every_steps = 30
     c.export.hf = ("average",)  # a transformers-loadable folder of one merged model
     # Reference rows: greedy soup (K - 1 extra validation passes of one model) and the
-    # logit ensemble (K forward passes per token at evaluation).
+    # ensemble (mean of the K output distributions; K forward passes per token).
     c.merge.methods = ("average", "select", "select_resample", "greedy_soup", "ensemble")
 
     if arg == "test":

@@ -79,7 +79,7 @@ def test_every_row_is_in_every_report(run):
     kept = results["models"]["greedy_soup"]["kept"]
     for label in ("merge: ties", "merge: dare", f"reference: best_single (replica {best})",
                   f"reference: greedy_soup (replicas {kept})",
-                  f"reference: ensemble of {k} (logits)"):
+                  f"reference: ensemble of {k} (mean probabilities)"):
         assert label in table
 
 

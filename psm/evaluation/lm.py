@@ -139,7 +139,7 @@ class LogitEnsemble(nnx.Module):
 
 
 def logit_ensemble(graphdef, params_k):
-    """The logit ensemble of K stacked models as one model.
+    """The ensemble of K stacked models (log of their mean probability) as one model.
 
     Args:
       graphdef: the members' graph definition.

@@ -93,7 +93,7 @@ def _label(name: str, row: dict) -> str:
         return f"reference: best_single (replica {row['replica']})"
     if name == "greedy_soup":
         return f"reference: greedy_soup (replicas {row['kept']})"
-    return f"reference: ensemble of {row['members']} (logits)"
+    return f"reference: ensemble of {row['members']} (mean probabilities)"
 
 
 def format_barrier(barrier: dict) -> str:

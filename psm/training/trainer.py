@@ -108,7 +108,7 @@ def validate_config(config) -> None:
         raise ValueError(f"config.export.hf names {not_merged}, which config.merge.methods "
                          f"{tuple(config.merge.methods)} does not produce")
     if "ensemble" in config.export.hf:
-        raise ValueError("config.export.hf names 'ensemble': the logit ensemble is K models, "
+        raise ValueError("config.export.hf names 'ensemble': the ensemble is K models, "
                          "not one parameter tree, and cannot be exported")
     _check_merge_options(config)
     if config.eval.barrier:
@@ -632,7 +632,7 @@ def _score_models(config, graphdef, eval_step, eval_k, merged: dict, base, task,
     """Validation loss, test generations and per-sample train losses of every row.
 
     The replicas and the merged trees are scored in one stacked evaluation; the
-    logit ensemble (config.merge.methods has 'ensemble') is one more model with
+    output ensemble (config.merge.methods has 'ensemble') is one more model with
     its own graph (K members inside it).
 
     Returns:
