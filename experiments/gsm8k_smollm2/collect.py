@@ -14,8 +14,8 @@ ran). The summary puts psm's training speed beside the yardstick's:
   yardstick tok/s  out.json["train_tok_per_s"]: steps * K * B * T / training wall time
                    (padding included; its first step's compilation included)
 
-and the losses each reports: psm's validation answer loss (200 held-out training
-problems) and test accuracy (greedy decoding, exact match); the yardstick's test
+and the losses each reports: psm's validation answer loss (held-out training problems,
+200 in configs/gsm8k.py) and test accuracy (greedy decoding, exact match); the yardstick's test
 answer loss (all test problems). The two loss columns are on different problems,
 so compare merges against singles within a column, not across columns.
 """
@@ -137,8 +137,9 @@ def to_markdown(s: dict) -> str:
     if y:
         lines += ["## Yardstick models", "", "| model | test answer loss |", "| --- | --- |"]
         lines += [f"| {n} | {v:.4f} |" for n, v in y["test_loss"].items()]
-        lines += ["", "psm's loss column is on its 200 held-out training problems, the "
-                  "yardstick's on the test set: compare merges with singles within a column.", ""]
+        lines += ["", "psm's loss column is on held-out training problems "
+                  "(task.num_validation), the yardstick's on the test set: compare merges "
+                  "with singles within a column.", ""]
     return "\n".join(lines)
 
 
