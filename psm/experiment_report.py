@@ -317,10 +317,15 @@ def _fig3(plt, runs, report):
 
 
 def val_curves(run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """From metrics.jsonl: (steps [T], singles' val loss [T, K], average merge's [T])."""
+    """From metrics.jsonl: (steps [T], singles' val loss [T, K], average merge's [T]).
+
+    T = 0 when the run never evaluated during training (train.eval_every = 0).
+    """
     rows = [m for m in run.metrics if "val/loss" in m and "val/loss_average_merge" in m]
+    # K from the config, not -1: numpy cannot infer a dimension of an empty array.
     return (np.array([m["step"] for m in rows]),
-            np.array([m["val/loss"] for m in rows]).reshape(len(rows), -1),
+            np.array([m["val/loss"] for m in rows], dtype=float).reshape(len(rows),
+                                                                         run.num_replicas),
             np.array([m["val/loss_average_merge"] for m in rows]))
 
 

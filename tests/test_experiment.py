@@ -189,6 +189,21 @@ def test_report_only_cli_writes_every_file(tmp_path):
         assert f"{c['claim']}: **{c['verdict']}**" in md
 
 
+def test_report_of_a_run_without_validation_during_training(tmp_path):
+    # train.eval_every = 0: metrics.jsonl has training rows only; Fig. 4 says so
+    # instead of the report failing on an empty reshape.
+    write_seed(str(tmp_path / "seed0"), 0)
+    with open(tmp_path / "seed0" / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 10, "train/loss": [1.0, 1.1, 1.2]}) + "\n")
+    runs = experiment.load_seeds(str(tmp_path), 1)
+    steps, singles, avg = experiment_report.val_curves(runs[0])
+    assert steps.shape == (0,) and singles.shape == (0, 3) and avg.shape == (0,)
+    report = experiment_report.build_report(runs, "accuracy", draws=DRAWS,
+                                            bootstrap_seed=0, command="test")
+    experiment_report.write_report(str(tmp_path), runs, report)
+    assert os.path.getsize(tmp_path / "plots" / "fig4_val_loss.png") > 0
+
+
 def test_folders_that_disagree_are_refused(tmp_path):
     write_seed(str(tmp_path / "seed0"), 0)
     write_seed(str(tmp_path / "seed1"), 1, methods=("average", "ties"))
