@@ -262,9 +262,9 @@ def _lowered_step_text(replica, fsdp, tensor):
 
 
 def _constraints(text):
-    """{(shape, spec)} of the sharding constraints in StableHLO (Shardy) text."""
-    return set(re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : tensor<([\dx]+)x",
-                          text))
+    """{(spec, shape)} of the sharding constraints in StableHLO (Shardy) text."""
+    return set(re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : "
+                          r"tensor<([\dx]+)x[a-z]", text))
 
 
 def test_activations_are_constrained_by_the_rules_under_a_mesh():
@@ -300,3 +300,23 @@ def test_constrain_is_a_no_op_outside_a_mesh_and_leaves_odd_sizes_to_xla():
         assert '[{?}, {}, {"tensor"}]' in fn.lower(jax.numpy.zeros((5, 8, 32))).as_text()
         with pytest.raises(ValueError, match=r"2 logical names .* shape \(6, 8, 32\)"):
             logical.constrain(x, "batch", "mlp")
+
+
+def test_bert_activations_are_constrained_and_compute_the_same():
+    _needs_8()
+    from psm.models.bert import Bert, BertConfig
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4,
+                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    graphdef, state = nnx.split(Bert(cfg, rngs=nnx.Rngs(0)))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16)).astype(np.int32)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
+    want = np.asarray(fwd(state, tokens))
+    mesh = sharding.make_mesh(2, 4, replica=2, fsdp=2, tensor=2)
+    placed = jax.device_put(state, sharding.state_shardings(state, mesh, stacked=False))
+    with jax.set_mesh(mesh):
+        text = fwd.lower(placed, tokens).as_text()
+        got = np.asarray(fwd(placed, tokens))
+    found = _constraints(text)
+    assert {('[{"fsdp"}, {}, {}]', "4x16x32"),  # hidden states: batch, length, embed
+            ('[{"fsdp"}, {}, {"tensor"}]', "4x16x64")} <= found, sorted(found)  # FFN: mlp
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
