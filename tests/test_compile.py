@@ -120,3 +120,14 @@ def test_command_refuses_an_unknown_topology():
     assert out.returncode == 2
     assert re.search(r"^error: unknown TPU topology 'v9:2x2'; known: v4:", out.stderr, re.M), \
         out.stderr[-2000:]
+
+
+@needs_libtpu
+def test_v4_is_one_device_per_chip_and_a_full_mesh_compiles():
+    # A v4 chip is one (megacore) device of 32 GiB; listed as two TensorCores,
+    # a mesh over every device of the slice was refused by jax.make_mesh.
+    chip, devices, hbm = psm_compile.topology_devices("v4:2x2x1")
+    assert (chip, len(devices), hbm) == ("v4", 4, 32)
+    r = psm_compile.compile_run(_tiny(replica=2, fsdp=2), "v4:2x2x1", merge=False)
+    assert r["mesh"] == {"replica": 2, "fsdp": 2, "tensor": 1} and r["devices"] == 4
+    assert r["fits"]
