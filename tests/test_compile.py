@@ -131,3 +131,14 @@ def test_v4_is_one_device_per_chip_and_a_full_mesh_compiles():
     r = psm_compile.compile_run(_tiny(replica=2, fsdp=2), "v4:2x2x1", merge=False)
     assert r["mesh"] == {"replica": 2, "fsdp": 2, "tensor": 1} and r["devices"] == 4
     assert r["fits"]
+
+
+@needs_libtpu
+def test_a_mesh_axis_across_torus_axes_builds():
+    # (2, 16, 2) on a 4x4x4 torus: 2 is no product of whole physical axes, which
+    # jax.make_mesh refuses outside v5e; the mesh splits a physical axis instead.
+    from psm.training import sharding
+    _, devices, _ = psm_compile.topology_devices("v4:4x4x4")
+    mesh = sharding.make_mesh(2, 16, replica=2, fsdp=16, tensor=2, devices=devices)
+    assert dict(mesh.shape) == {"replica": 2, "fsdp": 16, "tensor": 2}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)

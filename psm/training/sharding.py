@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from psm.models.logical import LOGICAL_RULES, logical_to_mesh  # noqa: F401 (re-exported)
@@ -105,7 +106,14 @@ def make_mesh(num_replicas: int, batch_size: int, *, replica: int = -1, fsdp: in
                        tensor=tensor, fsdp_key=fsdp_key)
     auto = (AxisType.Auto,) * 3
     if math.prod(shape) == len(devices):  # topology-aware device order (TPU ICI rings)
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+        except NotImplementedError:
+            # A mesh axis that is no product of whole torus axes, e.g. (2, 16, 2) on a
+            # 4x4x4 v4/v5p slice: jax.make_mesh splits physical axes only on v5e.
+            grid = mesh_utils.create_device_mesh(shape, devices,
+                                                 allow_split_physical_axes=True)
+            return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
     grid = np.asarray(devices[:math.prod(shape)]).reshape(shape)
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
