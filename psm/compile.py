@@ -36,6 +36,11 @@ KNOWN_TOPOLOGIES = {
     "v5p": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
     "v6e": ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
 }
+# libtpu's chip configuration per chip: a v4 chip has two TensorCores that its
+# default configuration lists as two devices, which jax.make_mesh refuses
+# ("requires one device per chip"); "megacore" lists the chip as one device, as
+# a v4 slice runs (and as MaxText's train_compile asks for it).
+CHIP_CONFIG = {"v4": "megacore"}
 GIB = 1024 ** 3
 
 
@@ -70,7 +75,9 @@ def topology_devices(name: str):
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     try:
-        devices = topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+        devices = topologies.get_topology_desc(
+            topology_name=name, platform="tpu",
+            chip_config_name=CHIP_CONFIG.get(chip, "default")).devices
     except Exception as e:  # noqa: BLE001 - libtpu's own message says why
         raise ValueError(f"libtpu refused topology {name!r} ({e}); known: "
                          f"{known_topologies()}") from None

@@ -120,3 +120,25 @@ def test_command_refuses_an_unknown_topology():
     assert out.returncode == 2
     assert re.search(r"^error: unknown TPU topology 'v9:2x2'; known: v4:", out.stderr, re.M), \
         out.stderr[-2000:]
+
+
+@needs_libtpu
+def test_v4_is_one_device_per_chip_and_a_full_mesh_compiles():
+    # A v4 chip is one (megacore) device of 32 GiB; listed as two TensorCores,
+    # a mesh over every device of the slice was refused by jax.make_mesh.
+    chip, devices, hbm = psm_compile.topology_devices("v4:2x2x1")
+    assert (chip, len(devices), hbm) == ("v4", 4, 32)
+    r = psm_compile.compile_run(_tiny(replica=2, fsdp=2), "v4:2x2x1", merge=False)
+    assert r["mesh"] == {"replica": 2, "fsdp": 2, "tensor": 1} and r["devices"] == 4
+    assert r["fits"]
+
+
+@needs_libtpu
+def test_a_mesh_axis_across_torus_axes_builds():
+    # (2, 16, 2) on a 4x4x4 torus: 2 is no product of whole physical axes, which
+    # jax.make_mesh refuses outside v5e; the mesh splits a physical axis instead.
+    from psm.training import sharding
+    _, devices, _ = psm_compile.topology_devices("v4:4x4x4")
+    mesh = sharding.make_mesh(2, 16, replica=2, fsdp=16, tensor=2, devices=devices)
+    assert dict(mesh.shape) == {"replica": 2, "fsdp": 16, "tensor": 2}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)

@@ -2,6 +2,7 @@
 with every parameter placed where psm.training.sharding.LOGICAL_RULES says."""
 
 import functools
+import re
 import warnings
 
 import jax
@@ -244,3 +245,78 @@ def test_bert_parameters_are_placed_by_the_same_rules():
     placed = jax.device_put(state, sharding.state_shardings(state, mesh, stacked=False))
     x = _leaves(placed)["layers/0/ffn_in/kernel"]
     assert x.sharding.shard_shape(x.shape) == (16, 32)
+
+
+def _lowered_step_text(replica, fsdp, tensor):
+    """StableHLO text of the K-replica train step of CFG under a mesh (lowered, not run)."""
+    mesh = sharding.make_mesh(K, B, replica=replica, fsdp=fsdp, tensor=tensor)
+    graphdef, base = nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))
+    tx, _ = replicas.make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0)
+    params, opt, param_sh, opt_sh = replicas.place_state(base, K, tx, mesh)
+    bt = sharding.batch_sharding(mesh)
+    step = replicas.make_train_step(graphdef, tx, param_sh, bt, opt_sh)
+    batch = {key: jax.ShapeDtypeStruct((K, B, T), np.float32 if key == "loss_mask" else
+                                       np.int32, sharding=bt) for key in replicas.BATCH_KEYS}
+    with jax.set_mesh(mesh):
+        return step.lower(params, opt, batch).as_text()
+
+
+def _constraints(text):
+    """{(spec, shape)} of the sharding constraints in StableHLO (Shardy) text."""
+    return set(re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : "
+                          r"tensor<([\dx]+)x[a-z]", text))
+
+
+def test_activations_are_constrained_by_the_rules_under_a_mesh():
+    """The Llama activations carry the logical rules' shardings inside the vmapped
+    step: batch rows on fsdp, heads / MLP / vocabulary features on tensor, the
+    replica axis K left to propagation ({?})."""
+    _needs_8()
+    found = _constraints(_lowered_step_text(2, 2, 2))
+    d, f, v = CFG.hidden_size, CFG.intermediate_size, CFG.vocab_size
+    hd = d // CFG.num_heads
+    split = '[{?}, {"fsdp"}, {}, {"tensor"}]'
+    want = {
+        ('[{?}, {"fsdp"}, {}, {}]', f"{K}x{B}x{T}x{d}"),  # residual stream: batch, length, embed
+        (split, f"{K}x{B}x{T}x{CFG.num_heads * hd}"),  # q, attention output: heads
+        (split, f"{K}x{B}x{T}x{CFG.num_kv_heads * hd}"),  # k, v: kv_heads
+        (split, f"{K}x{B}x{T}x{f}"),  # MLP hidden: mlp
+        (split, f"{K}x{B}x{T}x{v}"),  # logits: vocab
+    }
+    assert want <= found, sorted(found)
+
+
+def test_constrain_is_a_no_op_outside_a_mesh_and_leaves_odd_sizes_to_xla():
+    from psm.models import logical
+    x = jax.numpy.zeros((6, 8, 32))
+    assert logical.constrain(x, "batch", "length", "mlp") is x  # no mesh: untouched
+    _needs_8()
+    mesh = sharding.make_mesh(2, 4, replica=2, fsdp=2, tensor=2)
+    fn = jax.jit(lambda y: logical.constrain(y, "batch", "length", "mlp"))
+    with jax.set_mesh(mesh):
+        # 6 rows split over fsdp = 2, the MLP features over tensor = 2.
+        assert '[{"fsdp"}, {}, {"tensor"}]' in fn.lower(x).as_text()
+        # 5 rows: fsdp does not divide them; XLA decides ({?}) instead of an error.
+        assert '[{?}, {}, {"tensor"}]' in fn.lower(jax.numpy.zeros((5, 8, 32))).as_text()
+        with pytest.raises(ValueError, match=r"2 logical names .* shape \(6, 8, 32\)"):
+            logical.constrain(x, "batch", "mlp")
+
+
+def test_bert_activations_are_constrained_and_compute_the_same():
+    _needs_8()
+    from psm.models.bert import Bert, BertConfig
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4,
+                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    graphdef, state = nnx.split(Bert(cfg, rngs=nnx.Rngs(0)))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16)).astype(np.int32)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
+    want = np.asarray(fwd(state, tokens))
+    mesh = sharding.make_mesh(2, 4, replica=2, fsdp=2, tensor=2)
+    placed = jax.device_put(state, sharding.state_shardings(state, mesh, stacked=False))
+    with jax.set_mesh(mesh):
+        text = fwd.lower(placed, tokens).as_text()
+        got = np.asarray(fwd(placed, tokens))
+    found = _constraints(text)
+    assert {('[{"fsdp"}, {}, {}]', "4x16x32"),  # hidden states: batch, length, embed
+            ('[{"fsdp"}, {}, {"tensor"}]', "4x16x64")} <= found, sorted(found)  # FFN: mlp
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

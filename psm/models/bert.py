@@ -20,7 +20,9 @@ Every parameter names its axes in Flax sharding metadata (`embed` D, `heads`
 the D = H*hd attention features, `mlp` F, `vocab` V, `norm`, and the
 unsharded `positions`, `types`, `pooled`, `classes`); `psm.training.sharding` maps
 them to mesh axes. The names change neither the computation nor the
-checkpoint format.
+checkpoint format. Under a mesh the hidden states `[B, T, D]`, the attention
+features and the FFN hidden `[B, T, F]` are constrained by the same rules
+(`psm.models.logical.constrain`); outside a mesh that is a no-op.
 
 Dropout is active only when a `dropout_key` is passed, which keeps the
 forward pass a pure function of (params, inputs, key).
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from psm.models._fields import DTYPES, axes, check_dtype_names, from_fields
+from psm.models.logical import constrain
 
 _ACTS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
          "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -173,7 +176,7 @@ class Embeddings(nnx.Module):
     def __call__(self, tokens, type_ids):  # [B, T] -> [B, T, D] float32
         pos = jnp.arange(tokens.shape[1])[None, :]
         x = self.word(tokens) + self.position(pos) + self.token_type(type_ids)
-        return self.norm(x)
+        return constrain(self.norm(x), "batch", "length", "embed")
 
 
 class SelfAttention(nnx.Module):
@@ -189,8 +192,8 @@ class SelfAttention(nnx.Module):
         cfg = self.cfg
         b, t, d = x.shape
         hd = d // cfg.num_heads
-        q, k, v = (f(x).reshape(b, t, cfg.num_heads, hd) for f in (self.query, self.key,
-                                                                  self.value))
+        q, k, v = (constrain(f(x), "batch", "length", "heads").reshape(b, t, cfg.num_heads, hd)
+                   for f in (self.query, self.key, self.value))
         if key is None or cfg.attention_dropout == 0.0:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
         else:  # dropout on the attention probabilities, as HF BERT does
@@ -198,7 +201,8 @@ class SelfAttention(nnx.Module):
             logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
             probs = _dropout(jax.nn.softmax(logits, axis=-1), cfg.attention_dropout, key)
             out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-        return self.out(out.reshape(b, t, d))
+        out = constrain(out.reshape(b, t, d), "batch", "length", "heads")
+        return constrain(self.out(out), "batch", "length", "embed")
 
 
 class Layer(nnx.Module):
@@ -217,9 +221,11 @@ class Layer(nnx.Module):
         keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
         h = _dropout(self.attn(x.astype(cfg.jnp_dtype), mask, keys[0]), cfg.hidden_dropout,
                      keys[1])
-        x = self.attn_norm(x + h)
-        h = self.ffn_out(_ACTS[cfg.hidden_act](self.ffn_in(x.astype(cfg.jnp_dtype))))
-        return self.ffn_norm(x + _dropout(h, cfg.hidden_dropout, keys[2]))
+        x = constrain(self.attn_norm(x + h), "batch", "length", "embed")
+        h = _ACTS[cfg.hidden_act](self.ffn_in(x.astype(cfg.jnp_dtype)))
+        h = self.ffn_out(constrain(h, "batch", "length", "mlp"))  # [B, T, F] -> [B, T, D]
+        return constrain(self.ffn_norm(x + _dropout(h, cfg.hidden_dropout, keys[2])),
+                         "batch", "length", "embed")
 
 
 class Bert(nnx.Module):

@@ -19,8 +19,13 @@ kernels are stored `[in, out]`, the transpose of HF's `[out, in]`):
 Every parameter carries the logical names of its axes as Flax sharding
 metadata (`out_sharding`, not applied at creation): `embed` (D), `heads`
 (H*hd), `kv_heads` (KV*hd), `mlp` (F), `vocab` (V), `norm` (norm scales) and
-`layers` (the scan axis). `psm.training.sharding.LOGICAL_RULES` maps them to mesh axes;
-the names change neither the computation nor the checkpoint format.
+`layers` (the scan axis). `psm.models.logical.LOGICAL_RULES` maps them to mesh axes;
+the names change neither the computation nor the checkpoint format. Under a
+mesh the main activations are constrained by the same table
+(`psm.models.logical.constrain`): the residual stream `[B, T, D]` as
+`(batch, length, embed)`, the q/k/v projections and the attention output as
+`heads` / `kv_heads`, the MLP hidden `[B, T, F]` as `mlp`, the logits as
+`vocab`; outside a mesh these are no-ops.
 
 This per-layer ("list") layout is the canonical one: converters, exports and
 checkpoints use it. With `LlamaConfig.scan_layers=True` the blocks are stored
@@ -48,6 +53,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from psm.models._fields import DTYPES, axes, check_dtype_names, from_fields
+from psm.models.logical import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,9 +296,14 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         hd = cfg.resolved_head_dim
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, hd)
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, hd)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, hd)
+        # Constrained flat ([B, T, H*hd]): the mesh divides H*hd (a parameter
+        # dimension), not necessarily H.
+        q = constrain(self.q_proj(x), "batch", "length", "heads").reshape(
+            b, t, cfg.num_heads, hd)
+        k = constrain(self.k_proj(x), "batch", "length", "kv_heads").reshape(
+            b, t, cfg.num_kv_heads, hd)
+        v = constrain(self.v_proj(x), "batch", "length", "kv_heads").reshape(
+            b, t, cfg.num_kv_heads, hd)
         q = rotary(q, positions, cfg.rope_theta)
         k = rotary(k, positions, cfg.rope_theta)
         new_kv = None
@@ -315,7 +326,8 @@ class Attention(nnx.Module):
             k_slot[None, None, :] <= q_slot[None, :, None])
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                            mask=mask[:, None, :, :])
-        out = self.o_proj(out.reshape(b, t, cfg.num_heads * hd))
+        out = constrain(out.reshape(b, t, cfg.num_heads * hd), "batch", "length", "heads")
+        out = constrain(self.o_proj(out), "batch", "length", "embed")
         return out if kv is None else (out, new_kv)
 
 
@@ -328,8 +340,10 @@ class MLP(nnx.Module):
         self.up_proj = _linear(d, f, cfg, rngs, ("embed", "mlp"))
         self.down_proj = _linear(f, d, cfg, rngs, ("mlp", "embed"))
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        h = constrain(h, "batch", "length", "mlp")  # [B, T, F]
+        return constrain(self.down_proj(h), "batch", "length", "embed")
 
 
 class Block(nnx.Module):
@@ -344,8 +358,8 @@ class Block(nnx.Module):
     def __call__(self, x, positions, segment_ids, kv=None):
         h = self.attn(self.attn_norm(x), positions, segment_ids, kv)
         h, new_kv = (h, None) if kv is None else h
-        x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
+        x = constrain(x + h, "batch", "length", "embed")
+        x = constrain(x + self.mlp(self.mlp_norm(x)), "batch", "length", "embed")
         return x if kv is None else (x, new_kv)
 
 
@@ -380,9 +394,8 @@ class Llama(nnx.Module):
 
     def _logits(self, x):  # [B, T, D] -> float32 [B, T, V]
         x = self.final_norm(x)
-        if self.config.tie_embeddings:
-            return self.embed.attend(x).astype(jnp.float32)
-        return self.lm_head(x).astype(jnp.float32)
+        logits = self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
+        return constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
 
     def __call__(self, tokens, *, positions=None, segment_ids=None):
         """Full-sequence forward pass (training and scoring).
@@ -400,7 +413,7 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        x = self.embed(tokens)
+        x = constrain(self.embed(tokens), "batch", "length", "embed")
         if self.config.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 

@@ -8,7 +8,7 @@
            (Megatron-style tensor parallelism); the batch is not.
 
 The models name their parameters' axes with logical names (Flax sharding
-metadata, `psm.models._fields.axes`); `LOGICAL_RULES` below is the one table
+metadata, `psm.models._fields.axes`); `LOGICAL_RULES` (psm.models.logical) is the one table
 that maps those names to mesh axes, as MaxText's `logical_axis_rules` do.
 Stacked state prepends `replica` to each parameter's spec (MaxText's DiLoCo
 does the same with its `diloco` axis). Optimizer state is sharded like its
@@ -29,26 +29,15 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from psm.models.logical import LOGICAL_RULES, logical_to_mesh  # noqa: F401 (re-exported)
 
 MESH_AXES = ("replica", "fsdp", "tensor")
 
-# Logical axis name -> mesh axis (None: not split). Every name a model uses must
-# be listed, so that a new name cannot silently end up replicated.
-LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
-    ("embed", "fsdp"),  # D: hidden size (rows of most kernels)
-    ("vocab", "tensor"),  # V: embedding rows, lm_head columns
-    ("heads", "tensor"),  # H*hd: query / attention-output features
-    ("kv_heads", "tensor"),  # KV*hd: key / value features
-    ("mlp", "tensor"),  # F: MLP hidden size
-    ("norm", None),  # norm scales and biases: small, replicated
-    ("layers", None),  # the scan axis of stacked blocks
-    ("positions", None),  # BERT position embedding rows
-    ("types", None),  # BERT token-type embedding rows
-    ("pooled", None),  # BERT pooler output
-    ("classes", None),  # classifier outputs
-)
-
+# LOGICAL_RULES (logical axis name -> mesh axis) is defined in psm.models.logical,
+# where the models also read it for their activation constraints.
 
 def _config_key(axis: str) -> str:
     return f"config.mesh.{axis}"
@@ -117,7 +106,14 @@ def make_mesh(num_replicas: int, batch_size: int, *, replica: int = -1, fsdp: in
                        tensor=tensor, fsdp_key=fsdp_key)
     auto = (AxisType.Auto,) * 3
     if math.prod(shape) == len(devices):  # topology-aware device order (TPU ICI rings)
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+        except NotImplementedError:
+            # A mesh axis that is no product of whole torus axes, e.g. (2, 16, 2) on a
+            # 4x4x4 v4/v5p slice: jax.make_mesh splits physical axes only on v5e.
+            grid = mesh_utils.create_device_mesh(shape, devices,
+                                                 allow_split_physical_axes=True)
+            return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
     grid = np.asarray(devices[:math.prod(shape)]).reshape(shape)
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
@@ -143,30 +139,6 @@ def mesh_from_config(config, batch_size: int, devices: Sequence | None = None
         fsdp, fsdp_key = data, "config.mesh.data"
     return make_mesh(config.num_replicas, batch_size, replica=m.replica, fsdp=fsdp,
                      tensor=m.get("tensor", 1), devices=devices, fsdp_key=fsdp_key)
-
-
-def logical_to_mesh(names: Sequence[str | None], rules=LOGICAL_RULES) -> tuple:
-    """Mesh axes of logical axis names, e.g. `("embed", "mlp") -> ("fsdp", "tensor")`.
-
-    A mesh axis is used at most once per array: a later dimension whose rule
-    names an axis already taken stays unsplit (as MaxText resolves it).
-
-    Raises:
-      ValueError: a name that is not in `rules` (lists the known names).
-    """
-    table = dict(rules)
-    out, used = [], set()
-    for name in names:
-        if name is None:
-            out.append(None)
-            continue
-        if name not in table:
-            raise ValueError(f"logical axis name {name!r} has no rule in "
-                             f"psm.training.sharding.LOGICAL_RULES; known: {sorted(table)}")
-        axis = table[name]
-        out.append(axis if axis not in used else None)
-        used.add(axis)
-    return tuple(out)
 
 
 def _names(x) -> tuple | None:
