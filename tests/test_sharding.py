@@ -56,14 +56,20 @@ def _leaves(tree):
             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@functools.lru_cache(maxsize=None)  # each mesh compiles once per session (nothing is donated later)
-def _run(replica, fsdp, tensor, steps=3):
+def _sharded_step(replica, fsdp, tensor):
+    """(mesh, stacked params, opt state, batch sharding, jitted K-replica train step) of
+    CFG on a (replica, fsdp, tensor) mesh."""
     mesh = sharding.make_mesh(K, B, replica=replica, fsdp=fsdp, tensor=tensor)
     graphdef, base = nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))
     tx, _ = replicas.make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0)
     params, opt, param_sh, opt_sh = replicas.place_state(base, K, tx, mesh)
     bt = sharding.batch_sharding(mesh)
-    step = replicas.make_train_step(graphdef, tx, param_sh, bt, opt_sh)
+    return mesh, params, opt, bt, replicas.make_train_step(graphdef, tx, param_sh, bt, opt_sh)
+
+
+@functools.lru_cache(maxsize=None)  # each mesh compiles once per session (nothing is donated later)
+def _run(replica, fsdp, tensor, steps=3):
+    mesh, params, opt, bt, step = _sharded_step(replica, fsdp, tensor)
     losses = []
     with jax.set_mesh(mesh):
         for batch in _batches(steps):
@@ -249,12 +255,7 @@ def test_bert_parameters_are_placed_by_the_same_rules():
 
 def _lowered_step_text(replica, fsdp, tensor):
     """StableHLO text of the K-replica train step of CFG under a mesh (lowered, not run)."""
-    mesh = sharding.make_mesh(K, B, replica=replica, fsdp=fsdp, tensor=tensor)
-    graphdef, base = nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))
-    tx, _ = replicas.make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0)
-    params, opt, param_sh, opt_sh = replicas.place_state(base, K, tx, mesh)
-    bt = sharding.batch_sharding(mesh)
-    step = replicas.make_train_step(graphdef, tx, param_sh, bt, opt_sh)
+    mesh, params, opt, bt, step = _sharded_step(replica, fsdp, tensor)
     batch = {key: jax.ShapeDtypeStruct((K, B, T), np.float32 if key == "loss_mask" else
                                        np.int32, sharding=bt) for key in replicas.BATCH_KEYS}
     with jax.set_mesh(mesh):
