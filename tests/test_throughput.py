@@ -10,8 +10,9 @@ import optax
 import pytest
 from flax import nnx
 
+from psm.data import tasks
 from psm.models import bert, llama
-from psm.training import replicas, throughput, trainer
+from psm.training import encoder_task, replicas, throughput, trainer
 from tiny_config import tiny_test_config
 
 
@@ -93,6 +94,26 @@ def test_token_counts_of_decoder_and_encoder_batches():
            "attention": np.array([[[1, 1, 1, 0], [1, 1, 0, 0]]]),
            "weight": np.array([[1.0, 0.0]])}  # the second row is padding
     assert throughput.token_counts(enc) == (8, 3)
+
+
+@pytest.mark.parametrize("gather", [tasks.gather_batch, encoder_task.gather_batch],
+                         ids=["decoder", "encoder"])
+def test_batch_counter_equals_the_counts_of_the_gathered_batch(gather):
+    """The loop counts tokens from indices (per-row counts made once); the counts equal
+    those of the batch itself, padding rows (-1) included."""
+    rng = np.random.default_rng(0)
+    n, t = 7, 6
+    arrays = {"tokens": rng.integers(0, 9, (n, t)).astype(np.int32),
+              "targets": rng.integers(0, 9, (n, t)).astype(np.int32),
+              "loss_mask": (rng.random((n, t)) < 0.5).astype(np.float32),
+              "segment_ids": np.ones((n, t), np.int32),
+              "positions": np.tile(np.arange(t, dtype=np.int32), (n, 1)),
+              "type_ids": np.zeros((n, t), np.int32),
+              "attention": (rng.random((n, t)) < 0.7).astype(np.int32),
+              "label": rng.integers(0, 2, n).astype(np.int32)}
+    counter = throughput.BatchTokenCounter(gather, arrays)
+    for indices in (np.array([[0, 3, 6], [2, 2, 5]]), np.array([[1, -1, -1], [4, 0, -1]])):
+        assert counter(indices) == throughput.token_counts(gather(arrays, indices))
 
 
 # --------------------------------------------------------------- master weights

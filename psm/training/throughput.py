@@ -103,21 +103,47 @@ def flops_per_token(cfg, seq_len: int) -> float:
                     "BertConfig")
 
 
+def row_loss_tokens(batch: dict) -> np.ndarray:
+    """Tokens that carry loss in each row of a host batch `[..., T]` -> `[...]`.
+
+    Decoders: the `loss_mask` ones. Encoders (batches with `attention` and a
+    per-row `weight`): the non-padding tokens of the real rows (every one of
+    them feeds the sequence's prediction).
+    """
+    if "loss_mask" in batch:
+        return np.sum(batch["loss_mask"], axis=-1)
+    return np.sum(batch["attention"], axis=-1) * np.asarray(batch["weight"])
+
+
 def token_counts(batch: dict) -> tuple[int, int]:
     """(all tokens, tokens that carry loss) of a host batch `[K, B, T]` (numpy).
 
     All tokens: every slot the step computes, `K * B * T` (padding included:
-    it is computed). Loss tokens: decoders, the `loss_mask` ones; encoders
-    (batches with `attention` and a per-row `weight`), the non-padding tokens
-    of the real rows (every one of them feeds the sequence's prediction).
+    it is computed). Loss tokens: `row_loss_tokens`, summed.
     """
-    tokens = batch["tokens"]
-    if "loss_mask" in batch:
-        loss = float(np.sum(batch["loss_mask"]))
-    else:
-        weight = np.asarray(batch["weight"])[..., None]
-        loss = float(np.sum(np.asarray(batch["attention"]) * weight))
-    return int(np.size(tokens)), int(round(loss))
+    return int(np.size(batch["tokens"])), int(round(float(np.sum(row_loss_tokens(batch)))))
+
+
+class BatchTokenCounter:
+    """`token_counts` of the batch of rows `indices`, without gathering the batch.
+
+    The training loop's batches are built on the devices' shards (several
+    processes build their own parts), so counting them on the host would mean
+    gathering every batch a second time; instead each row's loss tokens are
+    counted once here, through the same `gather`, and a batch's counts are sums
+    over its indices (-1: a padding row, no loss tokens).
+    """
+
+    def __init__(self, gather, arrays: dict):
+        """gather: the loop's `(arrays, indices) -> batch` (decoder or encoder)."""
+        rows = gather(arrays, np.arange(len(arrays["tokens"])))
+        self._row_len = int(rows["tokens"].shape[-1])
+        self._row_loss = row_loss_tokens(rows)
+
+    def __call__(self, indices) -> tuple[int, int]:
+        indices = np.asarray(indices)
+        loss = float(np.sum(self._row_loss[indices[indices >= 0]]))
+        return int(indices.size * self._row_len), int(round(loss))
 
 
 class StepTimer:

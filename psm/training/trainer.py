@@ -459,6 +459,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # finished; each log row reports the window since the previous one, measured at
     # the log boundary after block_until_ready on the state, minus the time spent in
     # evaluation and checkpointing (psm.training.throughput.StepTimer).
+    count_tokens = throughput.BatchTokenCounter(gather_batch, train_arrays)
     timer = throughput.StepTimer(throughput.flops_per_token(model_cfg, config.task.max_len),
                                  throughput.peak_flops(), devices=mesh.size)
 
@@ -495,8 +496,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             params_k, opt_k, metrics = train_step(params_k, opt_k, batch)
             pending.append((step, metrics))
             done = step + 1
-            if timer.running:  # the counts of the whole [K, B, T] batch (a cheap host gather)
-                timer.add(*throughput.token_counts(gather_batch(train_arrays, idx)))
+            if timer.running:
+                timer.add(*count_tokens(idx))
             else:  # the compiling step: not timed
                 jax.block_until_ready((params_k, opt_k))
                 timer.start()
