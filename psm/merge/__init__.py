@@ -17,10 +17,6 @@ Dependencies run one way: `__main__` -> `streaming` -> `methods` -> (`leaf_input
 only re-exports `methods`.
 """
 
-from psm.merge.methods import (PROB_SUM_TOL, available_methods, average, dare, leaf_bits, leaf_key,
-                               leaf_name, merge, register_method, select, task_arithmetic, ties)
-
-__all__ = [
-    "average", "select", "task_arithmetic", "ties", "dare", "merge", "register_method",
-    "available_methods", "leaf_name", "leaf_key", "leaf_bits", "PROB_SUM_TOL",
-]
+# The public names are listed once, in methods.__all__.
+from psm.merge.methods import *  # noqa: F401,F403
+from psm.merge.methods import __all__  # noqa: F401
