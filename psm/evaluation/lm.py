@@ -46,9 +46,11 @@ def per_sample_losses(eval_step, params_m, arrays: dict[str, np.ndarray], batch_
 
 
 def generate_texts(graphdef, params_m, tokenizer, prompts: list[str], *, batch_size: int,
-                   prompt_len: int, max_new_tokens: int, desc: str = "generate"
+                   prompt_len: int, max_new_tokens: int, desc: str | None = "generate"
                    ) -> list[list[str]]:
     """Greedy continuations of `prompts` under each of M stacked models.
+
+    `desc` labels the progress bar; None shows none.
 
     Returns:
       `texts[m][i]`: model m's decoded continuation of prompt i.
@@ -69,7 +71,8 @@ def generate_texts(graphdef, params_m, tokenizer, prompts: list[str], *, batch_s
         in_axes=(0, None, None))
     m = jax.tree.leaves(params_m)[0].shape[0]
     texts: list[list[str]] = [[] for _ in range(m)]
-    for start in tqdm(range(0, len(ids), batch_size), desc=desc, mininterval=2.0, leave=False):
+    for start in tqdm(range(0, len(ids), batch_size), desc=desc, mininterval=2.0, leave=False,
+                      disable=desc is None):
         chunk = ids[start:start + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # static batch shape
         toks, segs = decode.left_pad(chunk, prompt_len, tokenizer.pad_id)
