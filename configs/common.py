@@ -59,6 +59,9 @@ def base() -> config_dict.ConfigDict:
     c.train.epochs = 3
     c.train.batch_size = 16  # per replica
     c.train.fixed_intra_batch = False  # METHOD.md section 2 ablation
+    # Several examples per training row (psm/data/packed_batches.py): the same batches and
+    # loss, fewer padding slots computed. Decoder paper tasks turn it on; BERT cannot.
+    c.train.packing = False
     c.train.log_every = 25
     c.train.eval_every = 100  # validation loss of singles and their average (Fig. 4); 0 = off
 

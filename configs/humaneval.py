@@ -24,6 +24,7 @@ def get_config(arg=None):
     c.task.max_len = 512
     c.task.prompt_len = 384
     c.task.max_new_tokens = 384
+    c.train.packing = True  # short examples: far fewer padding slots, same loss
     if arg == "smoke":
         c = common.smoke(c)
     return c

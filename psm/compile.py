@@ -225,6 +225,8 @@ def compile_run(config, topology: str, *, merge: bool = True) -> dict:
                             abstract_tree, shardings)
 
     params_in, opt_in = placed(params_abs, param_sh), placed(opt_abs, opt_sh)
+    # With config.train.packing a run's batches have R <= B rows, R known only from the
+    # data (psm.data.packed_batches): B rows bound its memory from above.
     batch_in = {key: jax.ShapeDtypeStruct((k, b, t), np.float32 if key == "loss_mask"
                                           else np.int32, sharding=batch_sh)
                 for key in replicas.BATCH_KEYS}

@@ -48,6 +48,9 @@ def test_smoke_variant_trains_merges_and_scores(module, arg, shared_data_dir, tm
     assert set(results["models"]) == {"replica 0", "replica 1"} | {
         trainer.row_name(config, m) for m in config.merge.methods}
     assert {"average", "select", "select_resample3"} <= set(results["models"])
+    # The decoder paper tasks pack their training batches (R rows per replica batch).
+    assert config.train.packing
+    assert 1 <= results["packing"]["rows"] <= config.train.batch_size
     with open(tmp_path / "test_predictions.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == config.task.num_test

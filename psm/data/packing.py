@@ -22,9 +22,12 @@ Attention must stay inside an example: query t may attend key u when
 that `[N, T, T]` mask). With positions restarting per example, a packed row
 then gives every example the same logits as a row of its own.
 
-Packing is next-fit in the given order (a row is closed when the next example
-does not fit), so the order of examples, which the training method controls,
-is kept.
+`pack_examples` packs next-fit in the given order (a row is closed when the
+next example does not fit), so the order of examples, which the training method
+controls, is kept. The training step's packed batches
+(`psm.data.packed_batches`) pack each batch first-fit decreasing
+(`first_fit_decreasing`): the batch's examples are fixed by the data order, and
+their order inside the batch does not change its loss.
 """
 
 from __future__ import annotations
@@ -103,6 +106,39 @@ def pack_rows(lengths: Sequence[int], seq_len: int, max_segments: int | None = N
             used = 0
         rows[-1].append(i)
         used += n
+    return rows
+
+
+def first_fit_decreasing(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """First-fit-decreasing assignment of examples (by index) to rows of `seq_len` tokens.
+
+    Examples are placed longest first (ties: the earlier index first), each into
+    the first row with room for it. Fewer rows than `pack_rows` in general; the
+    order of examples inside a batch is not kept (a training step's loss is a
+    token-weighted sum over the batch, which does not depend on it). Each row
+    lists its examples in placement order. Zero lengths (padding slots) are
+    skipped.
+
+    Raises:
+      ValueError: an example longer than `seq_len`.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        if n > seq_len:
+            raise ValueError(f"example {int(i)} has {n} tokens > seq_len={seq_len}")
+        if n <= 0:
+            continue
+        for r, room in enumerate(free):
+            if n <= room:
+                rows[r].append(int(i))
+                free[r] -= n
+                break
+        else:
+            rows.append([int(i)])
+            free.append(seq_len - n)
     return rows
 
 

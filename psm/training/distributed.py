@@ -148,33 +148,46 @@ def from_primary(tree: Any) -> Any:
 
 
 def global_batch(gather: Callable[[dict, np.ndarray], dict], arrays: dict,
-                 indices: np.ndarray, sharding) -> dict:
-    """The batch of rows `indices` `[K, B]` as global arrays `[K, B, ...]` on `sharding`.
+                 indices: np.ndarray, sharding, *, rows: int | None = None) -> dict:
+    """The batch of examples `indices` `[K, B]` as global arrays on `sharding`.
 
-    Each process gathers only the rows of the shards its devices hold
-    (`gather(arrays, indices[k0:k1, b0:b1])`), once per distinct shard; the
-    global array equals `jax.device_put(gather(arrays, indices), sharding)`.
+    Each process gathers only what the shards its devices hold need, once per
+    distinct shard; the global array equals
+    `jax.device_put(gather(arrays, indices), sharding)`.
 
     Args:
-      gather: `tasks.gather_batch`-like: (arrays, indices of any shape) -> dict
-        of arrays `indices.shape + row shape`.
+      gather: `tasks.gather_batch`-like: (arrays, indices of any shape `[..., B]`)
+        -> dict of arrays `[..., rows, ...]`.
+      rows: None: one row per example, the arrays are `[K, B, ...]` and a shard
+        gathers only its own `indices[k0:k1, b0:b1]`. R: `gather` packs each
+        replica's B examples into R rows (`psm.data.packed_batches.gather_packed`),
+        the arrays are `[K, R, ...]`, and a shard's rows depend on all B examples
+        of its replicas, so it gathers `indices[k0:k1]` and keeps its rows.
       sharding: a NamedSharding whose spec splits at most the first two axes.
     """
     import jax
     indices = np.asarray(indices)
     probe = gather(arrays, indices[:1, :1])
+    num_rows = indices.shape[1] if rows is None else rows
     cache: dict = {}
 
-    def rows(index: tuple) -> dict:
-        key = tuple((s.start, s.stop, s.step) for s in index[:2])
+    def block(index: tuple) -> dict:
+        """The gathered arrays holding shard `index`: exactly it (rows=None), or all
+        rows of its replicas (packed)."""
+        by = index[:2] if rows is None else index[:1]
+        key = tuple((s.start, s.stop, s.step) for s in by)
         if key not in cache:
-            cache[key] = gather(arrays, indices[index[:2]])
+            cache[key] = gather(arrays, indices[by])
         return cache[key]
 
+    def shard(name: str, index: tuple):
+        within = (slice(None),) * 2 if rows is None else (slice(None), index[1])
+        return block(index)[name][within + index[2:]]
+
     def one(name):
-        shape = indices.shape + probe[name].shape[2:]
-        return jax.make_array_from_callback(
-            shape, sharding, lambda index: rows(index)[name][(slice(None),) * 2 + index[2:]])
+        shape = (indices.shape[0], num_rows) + probe[name].shape[2:]
+        return jax.make_array_from_callback(shape, sharding,
+                                            lambda index: shard(name, index))
 
     return {name: one(name) for name in probe}
 

@@ -108,6 +108,12 @@ def validate_config(config) -> None:
     if config.export.hf:
         raise ValueError(f"config.export.hf={tuple(config.export.hf)}: the HF export writes "
                          "Llama folders; set it to () for an encoder head")
+    if config.train.get("packing", False):
+        # A packed row would need per-example [CLS] pooling and segment-aware
+        # attention in the BERT encoder; its sequences are short anyway.
+        raise ValueError(f"config.train.packing=True packs decoder examples several to a "
+                         f"row; the BERT encoder path (config.task.head={head!r}) trains one "
+                         "example per row: set config.train.packing=False")
     if m.init == "random":
         for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads"):
             if key not in m or m[key] < 1:

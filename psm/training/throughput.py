@@ -125,25 +125,34 @@ def token_counts(batch: dict) -> tuple[int, int]:
 
 
 class BatchTokenCounter:
-    """`token_counts` of the batch of rows `indices`, without gathering the batch.
+    """`token_counts` of the batch of examples `indices`, without gathering the batch.
 
     The training loop's batches are built on the devices' shards (several
     processes build their own parts), so counting them on the host would mean
-    gathering every batch a second time; instead each row's loss tokens are
-    counted once here, through the same `gather`, and a batch's counts are sums
-    over its indices (-1: a padding row, no loss tokens).
+    gathering every batch a second time; instead each example's loss tokens are
+    counted once here, through the unpacked `gather`, and a batch's counts are
+    sums over its indices (-1: a padding slot, no loss tokens).
+
+    Packed batches (`rows`: each replica's B examples in R rows of T tokens,
+    `psm.data.packed_batches`) compute R * T slots per replica; their loss
+    tokens are the same examples' and are counted the same way.
     """
 
-    def __init__(self, gather, arrays: dict):
-        """gather: the loop's `(arrays, indices) -> batch` (decoder or encoder)."""
-        rows = gather(arrays, np.arange(len(arrays["tokens"])))
-        self._row_len = int(rows["tokens"].shape[-1])
-        self._row_loss = row_loss_tokens(rows)
+    def __init__(self, gather, arrays: dict, rows: int | None = None):
+        """gather: the loop's one-example-per-row `(arrays, indices) -> batch` (decoder
+        or encoder); rows: R when the loop packs its batches, None when it does not."""
+        rows_of = gather(arrays, np.arange(len(arrays["tokens"])))
+        self._row_len = int(rows_of["tokens"].shape[-1])
+        self._row_loss = row_loss_tokens(rows_of)
+        self._rows = rows
 
     def __call__(self, indices) -> tuple[int, int]:
+        """(all token slots, loss tokens) of the batch of `indices` `[..., B]`."""
         indices = np.asarray(indices)
         loss = float(np.sum(self._row_loss[indices[indices >= 0]]))
-        return int(indices.size * self._row_len), int(round(loss))
+        rows = indices.size if self._rows is None else (
+            indices.size // indices.shape[-1] * self._rows)
+        return int(rows * self._row_len), int(round(loss))
 
 
 class StepTimer:

@@ -14,6 +14,7 @@ devices; only process 0 writes the run's files.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -25,7 +26,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from psm import imbalance, merge
-from psm.data import orders, paper_tasks, tasks
+from psm.data import orders, packed_batches, paper_tasks, tasks
 from psm.evaluation import lm, runner
 from psm.models import hf_llama, registry
 from psm.models._fields import DTYPES
@@ -59,6 +60,8 @@ def validate_config(config) -> None:
         (train.batch_size >= 1, "config.train.batch_size must be >= 1"),
         (train.log_every >= 1, "config.train.log_every must be >= 1"),
         (train.eval_every >= 0, "config.train.eval_every must be >= 0 (0 = never)"),
+        (isinstance(train.get("packing", False), bool),
+         f"config.train.packing must be True or False, got {train.get('packing')!r}"),
         (task.max_len >= 2, "config.task.max_len must be >= 2"),
         (task.num_train >= 0, "config.task.num_train must be >= 0 (0 = all)"),
         (task.num_validation >= 0, "config.task.num_validation must be >= 0"),
@@ -437,6 +440,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         eval_step = replicas.make_eval_step(graphdef)
     log.info("mesh %s; %d parameters per replica", dict(mesh.shape),
              sum(x.size for x in jax.tree.leaves(base)))
+    # Packing (decoders): each replica's batch of B examples in R rows, R fixed for the
+    # run; pack is None when every example has its own row.
+    train_gather, train_rows, pack = (gather_batch, None, None) if encoder else \
+        train_batches(config, train_arrays, order_kw, mesh, task.tokenizer.pad_id)
 
     # ----------------------------------------------------------------- restore
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -459,7 +466,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # finished; each log row reports the window since the previous one, measured at
     # the log boundary after block_until_ready on the state, minus the time spent in
     # evaluation and checkpointing (psm.training.throughput.StepTimer).
-    count_tokens = throughput.BatchTokenCounter(gather_batch, train_arrays)
+    count_tokens = throughput.BatchTokenCounter(gather_batch, train_arrays, rows=train_rows)
     timer = throughput.StepTimer(throughput.flops_per_token(model_cfg, config.task.max_len),
                                  throughput.peak_flops(), devices=mesh.size)
 
@@ -491,8 +498,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with jax.set_mesh(mesh):
         for step in bar:
             idx = orders.batch_indices(step, **order_kw)
-            # Each process gathers only the rows of its own shards.
-            batch = distributed.global_batch(gather_batch, train_arrays, idx, batch_sh)
+            # Each process gathers only the rows of its own shards (packed: those of its
+            # own replicas, whose examples it packs).
+            batch = distributed.global_batch(train_gather, train_arrays, idx, batch_sh,
+                                             rows=train_rows)
             params_k, opt_k, metrics = train_step(params_k, opt_k, batch)
             pending.append((step, metrics))
             done = step + 1
@@ -600,6 +609,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "fraction_unchanged_from_base_storage": unchanged_storage,
         "barrier": barrier,
         "data": {"train": train_stats, "validation": val_stats, "test": len(test)},
+        # Training rows per replica batch and the padding packing saved; None: unpacked.
+        "packing": pack,
         "steps": total_steps,
         # Where this invocation started training (0: from the base; total_steps:
         # nothing left to train), so a resume can be checked from the outside.
@@ -621,6 +632,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if barrier is not None:
         print(report.format_barrier(barrier))
     return results
+
+
+def train_batches(config, train_arrays: dict, order_kw: dict, mesh, pad_id: int):
+    """How the decoder's train loop builds a step's batch from its indices `[K, B]`.
+
+    config.train.packing off: `tasks.gather_batch`, one example per row `[K, B, T]`.
+    On: `packed_batches.gather_packed` into `[K, R, T]`, R from
+    `packed_batches.rows_for_run` over every batch of the run, rounded up to a
+    multiple of the mesh's fsdp axis (which splits the rows); logged with the
+    padding it saves.
+
+    Returns:
+      (gather `(arrays, indices) -> batch`, R or None, the packing plan dict or None).
+    """
+    if not config.train.get("packing", False):
+        return tasks.gather_batch, None, None
+    t0 = time.time()
+    plan = packed_batches.rows_for_run(
+        packed_batches.example_lengths(train_arrays), config.task.max_len,
+        epochs=config.train.epochs, multiple_of=mesh.shape["fsdp"], **order_kw)
+    log.info("packing: each replica's batch of %d examples in %d rows of %d tokens "
+             "(%.1f%% fewer token slots; padding %.1f%% -> %.1f%%; the fullest of %d batches "
+             "needs %d rows, the mean %.1f; planned in %.1fs)",
+             plan["batch_size"], plan["rows"], plan["seq_len"], 100 * plan["slots_saved"],
+             100 * plan["padding_unpacked"], 100 * plan["padding_packed"], plan["batches"],
+             plan["rows_needed"], plan["rows_mean"], time.time() - t0)
+    gather = functools.partial(packed_batches.gather_packed, num_rows=plan["rows"],
+                               pad_id=pad_id)
+    return gather, plan["rows"], plan
 
 
 def _cast_like(tree, like):
