@@ -92,13 +92,19 @@ def test_cudnn_mask_args_express_the_segment_rule():
         speed.self_attention(q, k, v, ones, "xla"), rtol=1e-6, atol=1e-6)
 
 
-def test_auto_resolves_to_xla_on_cpu_and_to_cudnn_where_it_runs(caplog):
-    assert jax.default_backend() == "cpu"
+ON_CPU = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU backend")
+
+
+@ON_CPU
+def test_auto_resolves_to_xla_on_cpu_and_logs_it_once(caplog):
     with caplog.at_level(logging.INFO, logger="psm.models.speed"):
         speed._LOGGED.clear()
         for _ in range(3):
             assert speed.resolve_attention("auto", jnp.bfloat16, 64, 128) == "xla"
-    assert caplog.text.count("using xla attention") == 1  # logged once
+    assert caplog.text.count("using xla attention (the backend is 'cpu'") == 1
+
+
+def test_auto_resolves_to_cudnn_only_where_it_runs():
     assert speed.resolve_attention("auto", jnp.bfloat16, 64, 128, gpu=True) == "cudnn"
     assert speed.resolve_attention("auto", jnp.float32, 64, 128, gpu=True) == "xla"
     assert speed.resolve_attention("auto", jnp.bfloat16, 36, 128, gpu=True) == "xla"
@@ -110,6 +116,7 @@ def test_auto_resolves_to_xla_on_cpu_and_to_cudnn_where_it_runs(caplog):
         speed.resolve_attention("cudnn", jnp.float32, 64, 128, gpu=True)
 
 
+@ON_CPU
 def test_cudnn_on_cpu_fails_at_the_model_naming_the_key():
     cfg = LlamaConfig(**TINY, attention="cudnn", dtype="bfloat16")
     model = Llama(cfg, rngs=nnx.Rngs(0))
