@@ -62,7 +62,8 @@ def run_config(model_dir: str, k: int, mesh: tuple[int, int, int], *, seq_len: i
     c.num_replicas = k
     c.task.max_len, c.train.batch_size = seq_len, batch
     c.model.kind, c.model.path = "hf", model_dir
-    c.model.remat, c.model.scan_layers = remat, True
+    # config.model.remat is a policy name; this benchmark's flag is on ('full') or off.
+    c.model.remat, c.model.scan_layers = ("full" if remat else "none"), True
     c.mesh.replica, c.mesh.fsdp, c.mesh.tensor = mesh
     return c
 

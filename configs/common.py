@@ -35,8 +35,10 @@ def base() -> config_dict.ConfigDict:
     c.model.path = ""  # GGUF file or HF folder (smollm2: the wheel's file)
     c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"  # compute dtype
-    c.model.remat = False
+    # Speed options (docs/performance.md, "Speed options"); none changes the model's maths.
+    c.model.remat = "none"  # 'none' | 'full' | 'dots_saveable' (True / False: 'full' / 'none')
     c.model.scan_layers = False
+    c.model.attention = "auto"  # 'auto' | 'xla' | 'cudnn' (GPU flash attention, bf16/fp16)
 
     c.pretrain = config_dict.ConfigDict()  # only read by model.init == 'pretrain'
     c.pretrain.steps = 0
@@ -64,6 +66,9 @@ def base() -> config_dict.ConfigDict:
     c.train.packing = False
     c.train.log_every = 25
     c.train.eval_every = 100  # validation loss of singles and their average (Fig. 4); 0 = off
+    # Decoder loss computed this many positions at a time, never holding the [B, T, V]
+    # float32 logits (psm/models/chunked_loss.py); 0 = the whole sequence at once.
+    c.train.loss_chunk = 0
 
     c.mesh = config_dict.ConfigDict()
     # (replica, fsdp, tensor) mesh, psm/training/sharding.py. -1 fills from the device count

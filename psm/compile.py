@@ -91,7 +91,8 @@ def model_config(config):
     from psm.models import gguf_llama, llama, registry
 
     m = config.model
-    overrides = {k: m[k] for k in ("dtype", "param_dtype", "remat", "scan_layers") if k in m}
+    overrides = {k: m[k] for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention")
+                 if k in m}
     if m.init == "pretrained":
         spec = base_model.model_spec(m)
         kind, path = spec["kind"], spec.get("path")
@@ -230,7 +231,9 @@ def compile_run(config, topology: str, *, merge: bool = True) -> dict:
     batch_in = {key: jax.ShapeDtypeStruct((k, b, t), np.float32 if key == "loss_mask"
                                           else np.int32, sharding=batch_sh)
                 for key in replicas.BATCH_KEYS}
-    step = replicas.make_train_step(graphdef, tx, param_sh, batch_sh, opt_sh)
+    train_loss = replicas.decoder_losses(config.train.get("loss_chunk", 0))[0]
+    step = replicas.make_train_step(graphdef, tx, param_sh, batch_sh, opt_sh,
+                                    loss_fn=train_loss)
     with jax.set_mesh(mesh):
         compiled = _compile(step.lower(params_in, opt_in, batch_in))
     train_mem, compiler_flops = compiled, None

@@ -66,7 +66,7 @@ def check_seed_folders(config, workdir: str, seeds: int) -> None:
         path = os.path.join(seed_dir(workdir, s), "config.json")
         if not os.path.exists(path):
             continue
-        existing = _read_json(path)
+        existing = wd.upgrade_config(_read_json(path))
         wanted = wd.config_to_dict(seed_config(config, s))
         diff = wd.training_keys(wd.diff_keys(existing, wanted))
         if diff:
@@ -80,7 +80,7 @@ def seed_finished(config, workdir: str, s: int) -> bool:
     folder = seed_dir(workdir, s)
     if not os.path.exists(os.path.join(folder, "results.json")):
         return False
-    return _read_json(os.path.join(folder, "config.json")) == \
+    return wd.upgrade_config(_read_json(os.path.join(folder, "config.json"))) == \
         wd.config_to_dict(seed_config(config, s))
 
 

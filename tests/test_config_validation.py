@@ -42,6 +42,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("pretrain.learning_rate", -1.0, r"config\.pretrain\.learning_rate must be"),
     ("pretrain.qa_fraction", 1.5, r"config\.pretrain\.qa_fraction must be a number in \[0, 1\]"),
     ("eval.batch_size", 0, r"config\.eval\.batch_size must be >= 1"),
+    ("model.remat", "partial", r"config\.model\.remat must be one of \['none', 'full', "
+                               r"'dots_saveable'\]"),
+    ("model.attention", "flash", r"config\.model\.attention must be one of \['auto', 'xla', "
+                                 r"'cudnn'\]"),
+    ("model.attention", "cudnn", r"config\.model\.attention='cudnn' needs"),  # a GPU / bf16
+    ("train.loss_chunk", -1, r"config\.train\.loss_chunk must be an int >= 0"),
 ])
 def test_bad_value_fails_before_anything_is_written(tmp_path, key, value, match):
     config = tiny.get_config("test")
@@ -121,6 +127,25 @@ def test_a_trained_run_may_change_only_what_happens_after_training(tmp_path, cap
     with pytest.raises(ValueError, match=r"differing keys: optim\.learning_rate\); .*only "
                                          r"keys under merge, export may change"):
         wd.prepare(str(workdir), newer)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_a_run_written_before_the_speed_options_still_resumes(tmp_path, remat):
+    """config.json of an older psm: model.remat a bool, no model.attention and no
+    train.loss_chunk. Rerunning the same config (remat spelt as today's name) resumes."""
+    new = tiny.get_config("test")
+    new.model.remat = "full" if remat else "none"
+    old = wd.config_to_dict(new)
+    old["model"]["remat"] = remat
+    del old["model"]["attention"], old["train"]["loss_chunk"]
+    workdir = tmp_path / "run"
+    os.makedirs(workdir / "checkpoints" / "6")
+    (workdir / "config.json").write_text(json.dumps(old))
+    assert wd.prepare(str(workdir), new) is True
+    other = tiny.get_config("test")
+    other.model.remat = "none" if remat else "full"
+    with pytest.raises(ValueError, match=r"differing keys: model\.remat\)"):
+        wd.prepare(str(workdir), other)
 
 
 def _train_cli(tmp_path, *overrides):

@@ -326,6 +326,9 @@ def test_pretrained_base_is_minilm_with_a_seeded_head(shared_data_dir):
     ("model.num_heads", 3, "config.model.hidden_size"),
     ("export.hf", ("average",), "config.export.hf"),
     ("model.scan_layers", True, "config.model.scan_layers"),
+    ("model.remat", "full", "config.model.remat is a Llama option"),
+    ("model.attention", "cudnn", "config.model.attention='cudnn': the BERT encoder"),
+    ("train.loss_chunk", 64, "config.train.loss_chunk is a decoder option"),
     ("task.max_len", 1024, "config.task.max_len"),
     ("task.head", "lm", "config.model.kind='minilm' is a BERT encoder"),
 ])

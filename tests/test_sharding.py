@@ -56,15 +56,16 @@ def _leaves(tree):
             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _sharded_step(replica, fsdp, tensor):
+def _sharded_step(replica, fsdp, tensor, loss_chunk=0):
     """(mesh, stacked params, opt state, batch sharding, jitted K-replica train step) of
-    CFG on a (replica, fsdp, tensor) mesh."""
+    CFG on a (replica, fsdp, tensor) mesh; `loss_chunk` as config.train.loss_chunk."""
     mesh = sharding.make_mesh(K, B, replica=replica, fsdp=fsdp, tensor=tensor)
     graphdef, base = nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))
     tx, _ = replicas.make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0)
     params, opt, param_sh, opt_sh = replicas.place_state(base, K, tx, mesh)
     bt = sharding.batch_sharding(mesh)
-    return mesh, params, opt, bt, replicas.make_train_step(graphdef, tx, param_sh, bt, opt_sh)
+    return mesh, params, opt, bt, replicas.make_train_step(
+        graphdef, tx, param_sh, bt, opt_sh, loss_fn=replicas.decoder_losses(loss_chunk)[0])
 
 
 @functools.lru_cache(maxsize=None)  # each mesh compiles once per session (nothing is donated later)
@@ -253,9 +254,9 @@ def test_bert_parameters_are_placed_by_the_same_rules():
     assert x.sharding.shard_shape(x.shape) == (16, 32)
 
 
-def _lowered_step_text(replica, fsdp, tensor):
+def _lowered_step_text(replica, fsdp, tensor, loss_chunk=0):
     """StableHLO text of the K-replica train step of CFG under a mesh (lowered, not run)."""
-    mesh, params, opt, bt, step = _sharded_step(replica, fsdp, tensor)
+    mesh, params, opt, bt, step = _sharded_step(replica, fsdp, tensor, loss_chunk)
     batch = {key: jax.ShapeDtypeStruct((K, B, T), np.float32 if key == "loss_mask" else
                                        np.int32, sharding=bt) for key in replicas.BATCH_KEYS}
     with jax.set_mesh(mesh):
@@ -285,6 +286,21 @@ def test_activations_are_constrained_by_the_rules_under_a_mesh():
         (split, f"{K}x{B}x{T}x{v}"),  # logits: vocab
     }
     assert want <= found, sorted(found)
+
+
+def test_chunked_loss_under_a_mesh_matches_one_device_and_splits_the_vocabulary():
+    """config.train.loss_chunk under a (2, 2, 2) mesh: the first step's losses equal the
+    one-device whole-sequence step's, and each chunk's logits `[K, B, C, V]` are
+    constrained like the whole logits (rows on fsdp, vocabulary on tensor)."""
+    _needs_8()
+    chunk = 3  # T = 8 is not a multiple: the last chunk is padded
+    mesh, params, opt, bt, step = _sharded_step(2, 2, 2, loss_chunk=chunk)
+    with jax.set_mesh(mesh):
+        _, _, m = step(params, opt, jax.device_put(_batches(1)[0], bt))
+    np.testing.assert_allclose(np.asarray(m["loss"]), _one_device()[3][0], rtol=1e-5)
+    found = _constraints(_lowered_step_text(2, 2, 2, loss_chunk=chunk))
+    assert ('[{?}, {"fsdp"}, {}, {"tensor"}]', f"{K}x{B}x{chunk}x{CFG.vocab_size}") in found, \
+        sorted(found)
 
 
 def test_constrain_is_a_no_op_outside_a_mesh_and_leaves_odd_sizes_to_xla():

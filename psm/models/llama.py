@@ -3,7 +3,11 @@
 One config type covers the tiny test sizes, SmolLM2-135M, TinyLlama-1.1B and
 Llama-2-7b: RMSNorm, rotary embeddings (rotate-half convention, as in HF
 transformers), grouped-query attention through `jax.nn.dot_product_attention`
-(GPUs get the fused kernel), SwiGLU MLP, tied or untied embeddings.
+(XLA, or cuDNN's flash kernel on GPUs: `LlamaConfig.attention`, see
+`psm.models.speed`), SwiGLU MLP, tied or untied embeddings. `LlamaConfig.remat`
+names what each block keeps for the backward pass (`speed.REMAT_POLICIES`).
+`Llama.features` / `Llama.project` split the forward pass before the
+vocabulary projection, for the chunked loss (`psm.models.chunked_loss`).
 
 Parameter tree (names follow HF's Llama module names so converters stay short;
 kernels are stored `[in, out]`, the transpose of HF's `[out, in]`):
@@ -52,8 +56,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from psm.models import speed
 from psm.models._fields import DTYPES, axes, check_dtype_names, from_fields
 from psm.models.logical import constrain
+from psm.models.speed import ATTENTION_IMPLEMENTATIONS, remat_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +79,18 @@ class LlamaConfig:
     max_seq_len: int = 2048
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
-    remat: bool = False  # recompute each block's activations in the backward pass
+    # What each block keeps for the backward pass (REMAT_POLICIES): 'none' keeps all
+    # activations, 'full' recomputes the block, 'dots_saveable' keeps only the weight
+    # matmuls' outputs. True / False (the older boolean form) mean 'full' / 'none'.
+    remat: str = "none"
     scan_layers: bool = False  # stacked block params applied with lax.scan (see module doc)
+    attention: str = "auto"  # 'auto' | 'xla' | 'cudnn' (ATTENTION_IMPLEMENTATIONS)
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_name(self.remat, "LlamaConfig.remat"))
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"LlamaConfig.attention must be one of "
+                             f"{list(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "max_seq_len"):
             if getattr(self, name) < 1:
@@ -308,9 +322,14 @@ class Attention(nnx.Module):
         k = rotary(k, positions, cfg.rope_theta)
         new_kv = None
         if kv is None:
-            q_slot = k_slot = jnp.arange(t)
-            k_seg = segment_ids
+            impl = speed.resolve_attention(cfg.attention, q.dtype, hd, t)
+            if impl == "xla" and segment_ids is None:
+                segment_ids = jnp.ones((b, t), jnp.int32)
+            out = speed.self_attention(q, k, v, segment_ids, impl)
         else:
+            # Decoding (a few new queries against the cache) stays on XLA: the
+            # cache's slots are not causal in the kernel's sense (the queries sit
+            # at `length`, not at 0) and the work per token is small.
             k_all, v_all, layer, k_seg, length = kv
             at = (layer, 0, length, 0, 0)
             k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
@@ -320,12 +339,12 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
             q_slot = length + jnp.arange(t)
             k_slot = jnp.arange(k.shape[1])
-        # [B, 1, T, S]: same segment and not in the future. Padding (segment 0)
-        # attends to padding, so no row is fully masked (no NaN from softmax).
-        mask = (segment_ids[:, :, None] == k_seg[:, None, :]) & (
-            k_slot[None, None, :] <= q_slot[None, :, None])
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                           mask=mask[:, None, :, :])
+            # [B, 1, T, S]: same segment and not in the future (as in
+            # speed.self_attention); padding attends to padding.
+            mask = (segment_ids[:, :, None] == k_seg[:, None, :]) & (
+                k_slot[None, None, :] <= q_slot[None, :, None])
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                               mask=mask[:, None, :, :], implementation="xla")
         out = constrain(out.reshape(b, t, cfg.num_heads * hd), "batch", "length", "heads")
         out = constrain(self.o_proj(out), "batch", "length", "embed")
         return out if kv is None else (out, new_kv)
@@ -392,10 +411,13 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs, ("embed", "vocab"))
 
-    def _logits(self, x):  # [B, T, D] -> float32 [B, T, V]
-        x = self.final_norm(x)
-        logits = self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
+    def project(self, h):
+        """Vocabulary projection of final-normed states: `[B, T, D]` -> float32 `[B, T, V]`."""
+        logits = self.embed.attend(h) if self.config.tie_embeddings else self.lm_head(h)
         return constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
+
+    def _logits(self, x):  # [B, T, D] -> float32 [B, T, V]
+        return self.project(self.final_norm(x))
 
     def __call__(self, tokens, *, positions=None, segment_ids=None):
         """Full-sequence forward pass (training and scoring).
@@ -408,28 +430,40 @@ class Llama(nnx.Module):
         Returns:
           logits `[B, T, V]` float32.
         """
+        return self.project(self.features(tokens, positions=positions,
+                                          segment_ids=segment_ids))
+
+    def features(self, tokens, *, positions=None, segment_ids=None):
+        """The final-normed hidden states, the input of the vocabulary projection.
+
+        Args: as `__call__`.
+        Returns:
+          `[B, T, D]` in the compute dtype; `project` of it is `__call__`'s logits.
+        """
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        if segment_ids is None:
-            segment_ids = jnp.ones((b, t), jnp.int32)
+        # segment_ids stays None here when not given: the cuDNN path then needs
+        # no mask; the XLA path builds the one-segment-per-row ids itself.
         x = constrain(self.embed(tokens), "batch", "length", "embed")
+        policy = speed.remat_policy(self.config.remat)
         if self.config.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
             def body(h, layer_state):
                 return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
 
-            if self.config.remat:
-                body = jax.checkpoint(body)
+            if self.config.remat != "none":
+                body = jax.checkpoint(body, policy=policy)
             x, _ = jax.lax.scan(body, x, stacked)
         else:
             for block in self.layers:
-                if self.config.remat:
-                    x = nnx.remat(lambda blk, h: blk(h, positions, segment_ids))(block, x)
+                if self.config.remat != "none":
+                    x = nnx.remat(lambda blk, h: blk(h, positions, segment_ids),
+                                  policy=policy)(block, x)
                 else:
                     x = block(x, positions, segment_ids)
-        return self._logits(x)
+        return self.final_norm(x)
 
     def decode(self, tokens, positions, segment_ids, cache: KVCache):
         """Forward pass over `T` new tokens appended to a KV cache.

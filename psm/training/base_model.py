@@ -22,9 +22,9 @@ from psm.training.pretrain import init_params, pretrain_base
 log = logging.getLogger(__name__)
 
 INITS = ("pretrain", "pretrained", "random")
-_SPEC_OVERRIDES = ("dtype", "param_dtype", "remat", "scan_layers")
+_SPEC_OVERRIDES = ("dtype", "param_dtype", "remat", "scan_layers", "attention")
 _ARCH_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-              "rope_theta", "tie_embeddings", "param_dtype", "dtype")
+              "rope_theta", "tie_embeddings", "param_dtype", "dtype", "remat", "attention")
 
 
 def model_spec(model_cfg) -> dict:

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from psm.training import replicas
 from psm.evaluation import glue, lm
-from psm.models import bert, hf_bert, registry
+from psm.models import bert, hf_bert, registry, speed
 from psm.models._fields import DTYPES
 from psm.models.safetensors_io import read_json
 from psm.models.tokenizer import Tokenizer
@@ -101,10 +101,19 @@ def validate_config(config) -> None:
     for key in ("param_dtype", "dtype"):
         if m[key] not in DTYPES:
             raise ValueError(f"config.model.{key} must be one of {sorted(DTYPES)}, got {m[key]!r}")
-    for key in ("remat", "scan_layers"):
-        if m.get(key):
-            raise ValueError(f"config.model.{key} is a Llama option; set it to False for "
-                             f"config.task.head={head!r}")
+    # Decoder-only options: refused rather than silently ignored.
+    if speed.remat_name(m.get("remat", "none"), "config.model.remat") != "none":
+        raise ValueError(f"config.model.remat is a Llama option; set it to 'none' for "
+                         f"config.task.head={head!r}")
+    if m.get("scan_layers"):
+        raise ValueError(f"config.model.scan_layers is a Llama option; set it to False for "
+                         f"config.task.head={head!r}")
+    if m.get("attention", "auto") not in ("auto", "xla"):
+        raise ValueError(f"config.model.attention={m.attention!r}: the BERT encoder attends "
+                         f"with XLA; set it to 'auto' or 'xla' for config.task.head={head!r}")
+    if config.train.get("loss_chunk", 0):
+        raise ValueError(f"config.train.loss_chunk is a decoder option; set it to 0 for "
+                         f"config.task.head={head!r}")
     if config.export.hf:
         raise ValueError(f"config.export.hf={tuple(config.export.hf)}: the HF export writes "
                          "Llama folders; set it to () for an encoder head")

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from psm.models.chunked_loss import chunked_token_nll
 from psm.training import sharding
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -120,26 +121,44 @@ def unstack(tree: Any, i: int) -> Any:
     return jax.tree.map(lambda x: x[i], tree)
 
 
-def token_nll(graphdef: nnx.GraphDef, params: Any, batch: dict) -> jax.Array:
-    """Per-token negative log-likelihood of one replica. Returns `[B, T]` float32."""
+def token_nll(graphdef: nnx.GraphDef, params: Any, batch: dict,
+              loss_chunk: int = 0) -> jax.Array:
+    """Per-token negative log-likelihood of one replica. Returns `[B, T]` float32.
+
+    `loss_chunk` > 0 (config.train.loss_chunk) computes it `loss_chunk`
+    positions at a time (`psm.models.chunked_loss`), never holding the whole
+    `[B, T, V]` logits; 0 projects the whole sequence at once.
+    """
     model = nnx.merge(graphdef, params)
+    if loss_chunk:
+        h = model.features(batch["tokens"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"])
+        return chunked_token_nll(model.project, h, batch["targets"], loss_chunk)
     logits = model(batch["tokens"], positions=batch["positions"],
                    segment_ids=batch["segment_ids"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
 
 
-def mean_loss(graphdef, params, batch) -> jax.Array:
+def mean_loss(graphdef, params, batch, loss_chunk: int = 0) -> jax.Array:
     """Token-weighted mean NLL over the tokens that carry loss (a scalar)."""
-    nll = token_nll(graphdef, params, batch)
+    nll = token_nll(graphdef, params, batch, loss_chunk)
     mask = batch["loss_mask"]
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def per_sample_loss(graphdef, params, batch) -> jax.Array:
+def per_sample_loss(graphdef, params, batch, loss_chunk: int = 0) -> jax.Array:
     """Mean NLL of each row over its loss tokens. Returns `[B]` (0 for rows without loss)."""
-    nll = token_nll(graphdef, params, batch)
+    nll = token_nll(graphdef, params, batch, loss_chunk)
     mask = batch["loss_mask"]
     return jnp.sum(nll * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def decoder_losses(loss_chunk: int = 0) -> tuple[Callable, Callable]:
+    """`(mean_loss, per_sample_loss)` with `loss_chunk` bound (config.train.loss_chunk)."""
+    if not loss_chunk:
+        return mean_loss, per_sample_loss
+    return (functools.partial(mean_loss, loss_chunk=loss_chunk),
+            functools.partial(per_sample_loss, loss_chunk=loss_chunk))
 
 
 def make_replica_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from psm import imbalance, merge
 from psm.data import orders, packed_batches, paper_tasks, tasks
 from psm.evaluation import lm, runner
-from psm.models import hf_llama, registry
+from psm.models import hf_llama, registry, speed
 from psm.models._fields import DTYPES
 from psm.training import (base_model, checkpoint, diagnostics, distributed, encoder_task,
                           replicas, report, sharding, throughput)
@@ -150,12 +150,14 @@ def _positive(x) -> bool:
 
 
 def _validate_model(config) -> None:
-    """config.model (and config.pretrain for 'pretrain'): dtypes, kind, head counts."""
+    """config.model (and config.pretrain for 'pretrain'): dtypes, kind, head counts,
+    and the speed options (with config.train.loss_chunk)."""
     m = config.model
     for key in ("param_dtype", "dtype"):
         if key in m and m[key] not in DTYPES:
             raise ValueError(f"config.model.{key} must be one of {sorted(DTYPES)}, got "
                              f"{m[key]!r}")
+    _validate_speed_options(config)
     if m.init in ("pretrained", "random") and m.kind not in registry.KINDS:
         raise ValueError(f"config.model.kind must be one of {list(registry.KINDS)} for "
                          f"config.model.init={m.init!r}, got {m.kind!r}")
@@ -194,6 +196,27 @@ def _validate_model(config) -> None:
         if isinstance(qa, bool) or not (isinstance(qa, (int, float)) and 0.0 <= qa <= 1.0):
             raise ValueError(f"config.pretrain.qa_fraction must be a number in [0, 1], "
                              f"got {qa!r}")
+
+
+def _validate_speed_options(config) -> None:
+    """config.model.remat / attention and config.train.loss_chunk (psm.models.speed)."""
+    m = config.model
+    speed.remat_name(m.get("remat", "none"), "config.model.remat")
+    attention = m.get("attention", "auto")
+    if attention not in speed.ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention must be one of "
+                         f"{list(speed.ATTENTION_IMPLEMENTATIONS)}, got {attention!r}")
+    if attention == "cudnn":
+        if not speed.cuda_backend():
+            raise ValueError(f"config.model.attention='cudnn' needs a CUDA GPU; the backend "
+                             f"here is {jax.default_backend()!r} (use 'auto' or 'xla')")
+        if m.get("dtype") not in speed.CUDNN_DTYPES:
+            raise ValueError(f"config.model.attention='cudnn' needs config.model.dtype in "
+                             f"{list(speed.CUDNN_DTYPES)}, got {m.get('dtype')!r}")
+    chunk = config.train.get("loss_chunk", 0)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"config.train.loss_chunk must be an int >= 0 (positions per loss "
+                         f"chunk; 0 = off), got {chunk!r}")
 
 
 def _check_merge_options(config) -> None:
@@ -436,8 +459,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         train_step = encoder_task.make_train_step(graphdef, tx, state_sh, batch_sh, opt_sh)
         eval_step = encoder_task.make_eval_step(graphdef)
     else:
-        train_step = replicas.make_train_step(graphdef, tx, state_sh, batch_sh, opt_sh)
-        eval_step = replicas.make_eval_step(graphdef)
+        train_loss, sample_loss = replicas.decoder_losses(config.train.get("loss_chunk", 0))
+        train_step = replicas.make_train_step(graphdef, tx, state_sh, batch_sh, opt_sh,
+                                              loss_fn=train_loss)
+        eval_step = replicas.make_eval_step(graphdef, sample_loss)
     log.info("mesh %s; %d parameters per replica", dict(mesh.shape),
              sum(x.size for x in jax.tree.leaves(base)))
     # Packing (decoders): each replica's batch of B examples in R rows, R fixed for the

@@ -38,13 +38,38 @@ def config_to_dict(config) -> dict:
 
 
 def read_config(path: str) -> dict:
-    """A run's config.json; invalid JSON is a ValueError naming the file and line."""
+    """A run's config.json, in the current form (`upgrade_config`); invalid JSON is a
+    ValueError naming the file and line."""
     with open(path) as f:
         try:
-            return json.load(f)
+            return upgrade_config(json.load(f))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a run's config.json "
                              "is written by psm.train, so this one is damaged") from None
+
+
+# Speed options added after runs were already written, with their defaults; a
+# config.json without them is read as having them. They compute the same model
+# (on a GPU, attention 'auto' may now pick cuDNN: equal up to rounding).
+_ADDED_SPEED_KEYS = (("model", "attention", "auto"), ("train", "loss_chunk", 0))
+
+
+def upgrade_config(saved: dict) -> dict:
+    """A config.json written by an older psm, in the current form, so that rerunning
+    it resumes instead of being refused as a different config.
+
+    `model.remat` was a bool (True / False = today's 'full' / 'none');
+    `model.attention` and `train.loss_chunk` did not exist (read as their
+    defaults). Other keys are left as they are.
+    """
+    out = json.loads(json.dumps(saved))  # a deep copy
+    model = out.get("model")
+    if isinstance(model, dict) and isinstance(model.get("remat"), bool):
+        model["remat"] = "full" if model["remat"] else "none"
+    for section, key, default in _ADDED_SPEED_KEYS:
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(key, default)
+    return out
 
 
 def check_writable(workdir: str, what: str = "workdir") -> None:
