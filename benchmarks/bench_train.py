@@ -51,11 +51,13 @@ MODELS = {
 }
 
 
-def model_config(name: str, seq: int, dtype: str, param_dtype: str) -> llama.LlamaConfig:
+def model_config(name: str, seq: int, dtype: str, param_dtype: str, remat: str = "none",
+                 attention: str = "auto") -> llama.LlamaConfig:
     if name not in MODELS:
         raise SystemExit(f"--model={name!r}: expected one of {list(MODELS)}")
     fields = dict(MODELS[name], max_seq_len=max(seq, MODELS[name].get("max_seq_len", 0)))
-    return llama.LlamaConfig(dtype=dtype, param_dtype=param_dtype, **fields)
+    return llama.LlamaConfig(dtype=dtype, param_dtype=param_dtype, remat=remat,
+                             attention=attention, **fields)
 
 
 def make_batch(cfg, k: int, batch: int, seq: int, seed: int = 0) -> dict:
@@ -79,11 +81,11 @@ def _timed(step_once, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def bench_vmapped(graphdef, base, tx, batch, steps: int) -> float:
+def bench_vmapped(graphdef, base, tx, batch, steps: int, loss_fn=replicas.mean_loss) -> float:
     k = batch["tokens"].shape[0]
     params = replicas.stack(base, k)
     state = {"p": params, "o": replicas.init_opt_state(tx, params)}
-    step = replicas.make_train_step(graphdef, tx)
+    step = replicas.make_train_step(graphdef, tx, loss_fn=loss_fn)
     batch = jax.device_put(batch)
 
     def once():
@@ -93,9 +95,10 @@ def bench_vmapped(graphdef, base, tx, batch, steps: int) -> float:
     return _timed(once, steps)
 
 
-def bench_sequential(graphdef, base, tx, batch, steps: int) -> float:
+def bench_sequential(graphdef, base, tx, batch, steps: int,
+                     loss_fn=replicas.mean_loss) -> float:
     k = batch["tokens"].shape[0]
-    step = jax.jit(replicas.make_replica_step(graphdef, tx), donate_argnums=(0, 1))
+    step = jax.jit(replicas.make_replica_step(graphdef, tx, loss_fn), donate_argnums=(0, 1))
     copy = functools.partial(jax.tree.map, lambda x: x.copy())
     states = [[copy(base), tx.init(base)] for _ in range(k)]
     batches = [jax.device_put({key: v[i] for key, v in batch.items()}) for i in range(k)]
@@ -142,6 +145,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     ap.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
     ap.add_argument("--param-dtype", default="float32", help="parameter dtype")
+    ap.add_argument("--remat", default="none", help="config.model.remat: none, full, dots_saveable")
+    ap.add_argument("--attention", default="auto", help="config.model.attention: auto, xla, cudnn")
+    ap.add_argument("--loss-chunk", type=int, default=0,
+                    help="config.train.loss_chunk: positions per loss chunk (0 = whole sequence)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch row")
     # OpenMP spin-waits badly when the cores are oversubscribed (a shared machine): there
     # one thread is much faster than torch's default of one per core.
@@ -149,7 +156,9 @@ def main(argv=None) -> None:
                     help="torch intra-op threads (0 = torch's default)")
     args = ap.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
-    cfg = model_config(args.model, args.seq, args.dtype, args.param_dtype)
+    cfg = model_config(args.model, args.seq, args.dtype, args.param_dtype, args.remat,
+                       args.attention)
+    loss_fn = replicas.decoder_losses(args.loss_chunk)[0]
     graphdef, base = nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(0)))
     n_params = sum(x.size for x in jax.tree.leaves(base))
     tx, _ = replicas.make_optimizer(learning_rate=1e-4, total_steps=1000, warmup_steps=0,
@@ -167,7 +176,8 @@ def main(argv=None) -> None:
 
     print(f"model {args.model}: {n_params / 1e6:.1f}M parameters, {flops / 1e6:.1f} MFLOP "
           f"per token; B={args.batch} T={args.seq} per replica; dtype {args.dtype}, params "
-          f"{args.param_dtype}; {args.steps} timed steps; device {kind} "
+          f"{args.param_dtype}; remat {args.remat}, attention {args.attention}, loss chunk "
+          f"{args.loss_chunk or 'off'}; {args.steps} timed steps; device {kind} "
           f"(peak {'unknown' if peak is None else f'{peak:.3g} FLOP/s'})")
     header = ("| K | vmapped tok/s | vmapped MFU | sequential tok/s | sequential MFU | "
               "vmapped / sequential |")
@@ -179,7 +189,7 @@ def main(argv=None) -> None:
         row = {}
         for name, fn in (("vmapped", bench_vmapped), ("sequential", bench_sequential)):
             try:
-                row[name] = tokens / fn(graphdef, base, tx, batch, args.steps)
+                row[name] = tokens / fn(graphdef, base, tx, batch, args.steps, loss_fn)
             except Exception as e:  # e.g. out of device memory at large K: say so, go on
                 row[name] = None
                 print(f"  K={k} {name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
