@@ -1,8 +1,10 @@
 """Two JAX processes on localhost (4 CPU devices each) train one run on one 8-device mesh.
 
 The per-step losses equal those of a single-process run on 8 devices with the same
-mesh; one process killed after the first checkpoint leaves a run that the same two
-commands resume; processes given different configs stop at start naming the keys.
+mesh, and so do the merged and single models' scores and per-sample losses (the
+merges and evaluations run on the global arrays of both processes); one process
+killed after the first checkpoint leaves a run that the same two commands resume;
+processes given different configs stop at start naming the keys.
 """
 
 import json
@@ -23,11 +25,12 @@ from tiny_config import tiny_test_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny:test cut to 12 steps (checkpoints at 6 and 12, rows at 4, 8, 12, validation at
-# 6 and 12), one merge and short generations: the multi-process path, not the results.
+# 6 and 12), three merges (TIES: its thresholds are searched on the devices with
+# several processes) and short generations: the multi-process path, not the results.
 # The mesh splits K over both processes and each replica's batch over two devices.
 OVERRIDES = {"train.epochs": 1, "train.eval_every": 6, "mesh.replica": 4, "mesh.fsdp": 2,
-             "merge.methods": ("average",), "eval.barrier": False, "export.hf": (),
-             "task.max_new_tokens": 4}
+             "merge.methods": ("average", "select_resample", "ties"), "eval.barrier": False,
+             "export.hf": (), "task.max_new_tokens": 4}
 TOTAL = 12
 CRASH_AT = 9  # process 1 dies before this step: after the checkpoint at step 6
 
@@ -113,25 +116,59 @@ def _rows(workdir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-class _TrainingDone(Exception):
-    pass
+def _reference(reference_dir):
+    """(metrics.jsonl rows, results.json) of one process on 8 devices
+    (tests/conftest.py), the same mesh."""
+    results = trainer.train_and_evaluate(tiny_test_config(**OVERRIDES), reference_dir)
+    return _rows(reference_dir), results
 
 
-def _reference_rows(reference_dir, monkeypatch):
-    """metrics.jsonl of one process on 8 devices (tests/conftest.py), the same mesh;
-    stopped after training (its merge and evaluation are not compared)."""
+def _per_sample(workdir):
+    with open(os.path.join(workdir, "per_sample.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
-    def stop(*args, **kwargs):
-        raise _TrainingDone
 
-    monkeypatch.setattr(trainer, "merge_models", stop)
-    with pytest.raises(_TrainingDone):
-        trainer.train_and_evaluate(tiny_test_config(**OVERRIDES), reference_dir)
-    return _rows(reference_dir)
+def _assert_close(got, want, where):
+    """Nested dicts / lists equal, floats within rtol 1e-5."""
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for key in want:
+            _assert_close(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, f"{where}/{i}")
+    elif isinstance(want, float):
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=where)
+    else:
+        assert got == want, where
+
+
+def _assert_same_results(got, want, workdir, reference_dir):
+    """The merged and single models' scores and the per-sample records of the
+    two-process run equal the single-process ones (rtol 1e-5, as the losses)."""
+    assert sorted(got["models"]) == sorted(want["models"]) == sorted(
+        [f"replica {i}" for i in range(4)] + ["average", "select_resample3", "ties"])
+    for name, row in want["models"].items():
+        for key in ("val_loss", "train_loss"):
+            np.testing.assert_allclose(got["models"][name][key], row[key], rtol=1e-5,
+                                       err_msg=f"{name} {key}")
+        assert got["models"][name]["test_accuracy"] == row["test_accuracy"], name
+    np.testing.assert_allclose(got["fraction_unchanged_from_base"],
+                               want["fraction_unchanged_from_base"], rtol=1e-5)
+    records, ref_records = _per_sample(workdir), _per_sample(reference_dir)
+    assert [r["id"] for r in records] == [r["id"] for r in ref_records]
+    for r, ref in zip(records, ref_records):
+        _assert_close(r, ref, where=f"per_sample id {ref['id']}")
+    # The generated test answers are the same text.
+    with open(os.path.join(workdir, "test_predictions.jsonl")) as f:
+        predictions = f.read()
+    with open(os.path.join(reference_dir, "test_predictions.jsonl")) as f:
+        assert predictions == f.read()
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume_after_a_killed_process(tmp_path, monkeypatch):
+def test_two_processes_match_one_and_resume_after_a_killed_process(tmp_path):
     workdir = str(tmp_path / "two")
     port = _free_port()
     logs = [str(tmp_path / f"p{i}.log") for i in range(2)]
@@ -153,7 +190,7 @@ def test_two_processes_match_one_and_resume_after_a_killed_process(tmp_path, mon
     # single process reads their checkpoint), which also spares pre-training it again.
     reference_dir = str(tmp_path / "one")
     shutil.copytree(os.path.join(workdir, "base"), os.path.join(reference_dir, "base"))
-    ref_rows = _reference_rows(reference_dir, monkeypatch)
+    ref_rows, ref_results = _reference(reference_dir)
 
     # The same two commands again: the run continues from step 6.
     logs = [str(tmp_path / f"rerun{i}.log") for i in range(2)]
@@ -170,6 +207,7 @@ def test_two_processes_match_one_and_resume_after_a_killed_process(tmp_path, mon
         got = np.array([r[key] for r in rows if key in r])
         want = np.array([r[key] for r in ref_rows if key in r])
         np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=key)
+    _assert_same_results(results, ref_results, workdir, reference_dir)
     # Process 0 alone wrote the run's files; none is left half-written.
     names = set(os.listdir(workdir))
     assert {"config.json", "metrics.jsonl", "results.json", "per_sample.jsonl"} <= names

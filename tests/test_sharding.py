@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_dict
 
 from psm import merge
@@ -337,3 +337,72 @@ def test_bert_activations_are_constrained_and_compute_the_same():
     assert {('[{"fsdp"}, {}, {}]', "4x16x32"),  # hidden states: batch, length, embed
             ('[{"fsdp"}, {}, {"tensor"}]', "4x16x64")} <= found, sorted(found)  # FFN: mlp
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _merge_config(methods):
+    return config_dict.ConfigDict({"merge": {
+        "methods": methods, "seed": 0, "resample": 3, "storage_dtype": None,
+        "ties_density": 0.2, "ties_trim": "tensor", "dare_drop_rate": 0.5,
+        "dare_rescale": "inverse", "dare_combine": "linear"}})
+
+
+def test_the_runs_merges_come_out_split_like_one_replica():
+    """Every merge of a run (trainer.merge_models) on replicas and a base laid out by
+    the rules gives leaves with the per-replica spec (the stacked spec without its
+    leading 'replica'): split over the replica group's devices, never whole on one."""
+    _needs_8()
+    from psm.training import trainer
+    mesh, params, _, _ = _run(2, 2, 2)
+    base = jax.device_put(
+        nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))[1],
+        jax.tree.map(sharding.unstacked, jax.tree.map(lambda x: x.sharding, params)))
+    methods = ("average", "select", "select_resample", "ties", "dare")
+    with jax.set_mesh(mesh):
+        merged = trainer.merge_models(_merge_config(methods), params, base)
+    assert sorted(merged) == sorted(["average", "select", "select_resample3", "ties", "dare"])
+    stacked = _leaves(params)
+    for name, tree in merged.items():
+        for path, x in _leaves(tree).items():
+            name_in_layer = "/".join(path.split("/")[2:]) if path.startswith("layers/") else path
+            want = P(*tuple(EXPECTED[name_in_layer])[1:])
+            assert x.sharding.spec == want == sharding.unstacked(stacked[path].sharding).spec, \
+                (name, path)
+            assert len(x.sharding.device_set) == 8, (name, path)
+            if want != P():  # split leaves: no device holds the whole leaf
+                assert x.sharding.shard_shape(x.shape) != x.shape, (name, path)
+    # One replica, taken out of the stack, is laid out the same way.
+    for path, x in _leaves(replicas.unstack(params, 1)).items():
+        assert x.sharding.spec == sharding.unstacked(stacked[path].sharding).spec, path
+
+
+def test_ties_thresholds_found_on_the_devices_equal_the_host_search(monkeypatch):
+    """Several processes search the TIES thresholds on the devices
+    (kernels.threshold_search_kernel); on one process the same merge, made to take
+    that path, gives the host search's bits, ties at the threshold included."""
+    _needs_8()
+    mesh = sharding.make_mesh(K, B, replica=2, fsdp=2, tensor=2)
+    rng = np.random.default_rng(0)
+    # Magnitudes on a coarse grid: many entries tie at every threshold.
+    theta = {"w": np.round(rng.normal(size=(K, 64, 48)) * 4).astype(np.float32) / 4,
+             "v": rng.normal(size=(K, 300_000)).astype(np.float32)}
+    base = {"w": np.zeros((64, 48), np.float32), "v": np.zeros(300_000, np.float32)}
+    stacked_sh = {"w": NamedSharding(mesh, P("replica", "fsdp", "tensor")),
+                  "v": NamedSharding(mesh, P("replica", "fsdp"))}
+    theta = jax.device_put(theta, stacked_sh)
+    base = jax.device_put(base, jax.tree.map(sharding.unstacked, stacked_sh))
+    from psm.merge import leaf_inputs, ties_threshold
+    host = ties_threshold.per_tensor(
+        [leaf for leaf in leaf_inputs.prepare(theta, base, stacked=True).leaves],
+        K, [0.3, 0.2, 0.5, 0.05])
+    want = merge.ties(theta, base, [0.3, 0.2, 0.5, 0.05], stacked=True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    device = ties_threshold.per_tensor(
+        [leaf for leaf in leaf_inputs.prepare(theta, base, stacked=True).leaves],
+        K, [0.3, 0.2, 0.5, 0.05])
+    got = merge.ties(theta, base, [0.3, 0.2, 0.5, 0.05], stacked=True)
+    for name in ("w", "v"):
+        np.testing.assert_array_equal(device[name][0], host[name][0], err_msg=name)
+        np.testing.assert_array_equal(device[name][1], host[name][1], err_msg=name)
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
+    # The tie cuts were exercised: some threshold splits its ties by position.
+    assert any(c != ties_threshold.CUT_ALL for c in device["w"][1])

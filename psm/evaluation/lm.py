@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+from psm import global_arrays
 from psm.data import tasks
 from psm.models import decode, llama
 
@@ -41,7 +43,7 @@ def per_sample_losses(eval_step, params_m, arrays: dict[str, np.ndarray], batch_
         idx = np.arange(start, start + batch_size)
         idx = np.where(idx < n, idx, -1)  # pad the last batch to the static shape
         losses = eval_step(params_m, tasks.gather_batch(arrays, idx))
-        out.append(np.asarray(losses)[:, idx >= 0])
+        out.append(global_arrays.to_numpy(losses)[:, idx >= 0])
     return np.concatenate(out, axis=1).astype(np.float64)
 
 
@@ -76,7 +78,7 @@ def generate_texts(graphdef, params_m, tokenizer, prompts: list[str], *, batch_s
         chunk = ids[start:start + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # static batch shape
         toks, segs = decode.left_pad(chunk, prompt_len, tokenizer.pad_id)
-        out = np.asarray(gen(params_m, jnp.asarray(toks), jnp.asarray(segs)))
+        out = global_arrays.to_numpy(gen(params_m, jnp.asarray(toks), jnp.asarray(segs)))
         for j in range(m):
             for row in out[j][:min(batch_size, len(ids) - start)]:
                 texts[j].append(tokenizer.decode(row))
@@ -84,8 +86,21 @@ def generate_texts(graphdef, params_m, tokenizer, prompts: list[str], *, batch_s
 
 
 def stack_models(trees: list) -> object:
-    """Stacks M trees of identical structure into one `[M, ...]` tree."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    """Stacks M trees of identical structure into one `[M, ...]` tree.
+
+    A leaf split by a `NamedSharding` (the models of a sharded run, of several
+    processes included) is stacked by one jitted copy onto the same split with an
+    unsplit leading M axis, so every model stays split as before.
+    """
+    def stack(*xs):
+        sh = getattr(xs[0], "sharding", None)
+        if isinstance(sh, NamedSharding):
+            out = NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec))
+            return global_arrays.in_order(
+                jax.jit(lambda *a: jnp.stack(a), out_shardings=out)(*xs))
+        return jnp.stack(xs)
+
+    return jax.tree.map(stack, *trees)
 
 
 

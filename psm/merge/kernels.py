@@ -605,3 +605,53 @@ def code_kernel(inputs, base, hi, mid_lo, mid_hi, lo, *, stacked, models):
     (see `_code_body`)."""
     xs = _unstack(inputs, stacked)
     return _code_body(xs, like(base, xs[0]), None, hi, mid_lo, mid_hi, lo, models=models)
+
+
+def _count(mask):
+    return jnp.sum(mask, dtype=jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("stacked",))
+def threshold_search_kernel(inputs, base, ks, *, stacked):
+    """Exact per-tensor TIES thresholds found on the devices, `([K] tbits, [K] cuts)`.
+
+    For arrays split over several processes, whose entries the host cannot read
+    (see `ties_threshold.per_tensor`). Per model i, a bitwise search over the
+    magnitude bits u (`magnitude_bits`): t_i is the largest value with at least
+    k_i entries u >= t_i (the k-th largest magnitude), one counting pass per bit;
+    then, when the entries equal to t_i are more than the need_i = k_i -
+    #(u > t_i) still to keep, cut_i is one past the flat index of the need_i-th
+    of them (another pass per bit of the index), else 2^32 - 1 (keep every tie):
+    the same (t, cut) as the host search. Only counts leave the devices.
+
+    Args:
+      ks: `[K]` int32 entries to keep, each in [1, n - 1] (the trivial counts
+        0 and n are settled without a search).
+    """
+    xs = _unstack(inputs, stacked)
+    ct = compute_dtype(xs[0].dtype)
+    ut = uint_for(ct)
+    nbits = 8 * ut.itemsize
+    b = like(base, xs[0])
+    ctr = counters(xs[0].shape, 0, xs[0])
+    ts, cuts = [], []
+    for i, x in enumerate(xs):
+        u = magnitude_bits(x, b, ct)
+        k = ks[i]
+
+        def grow_t(j, t, u=u, k=k):
+            cand = t | lax.shift_left(jnp.ones((), ut), (nbits - 1 - j).astype(ut))
+            return jnp.where(_count(u >= cand) >= k, cand, t)
+
+        t = lax.fori_loop(0, nbits, grow_t, jnp.zeros((), ut))
+        need = k - _count(u > t)
+        eq = u == t
+
+        def grow_c(j, c, eq=eq, need=need):
+            cand = c | lax.shift_left(jnp.ones((), jnp.uint32), (31 - j).astype(jnp.uint32))
+            return jnp.where(_count(eq & (ctr < cand)) < need, cand, c)
+
+        c = lax.fori_loop(0, 32, grow_c, jnp.zeros((), jnp.uint32))
+        ts.append(t)
+        cuts.append(jnp.where(_count(eq) > need, c + 1, jnp.uint32(0xFFFFFFFF)))
+    return jnp.stack(ts), jnp.stack(cuts)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from psm import global_arrays
 from psm.merge import host_staging
 
 # Largest leaf (in elements) whose scalars can be numbered by a uint32 counter.
@@ -320,12 +321,33 @@ def _host(x):
     return np.asarray(x)
 
 
+@jax.jit
+def _models_equal(stacked):
+    """`[K]` bools: model i's copy equals model 0's (a stacked leaf `[K, ...]`)."""
+    if _is_key(stacked.dtype):
+        stacked = jax.random.key_data(stacked)
+    flat = jnp.reshape(stacked, (stacked.shape[0], -1))
+    return jnp.all(flat == flat[:1], axis=1)
+
+
 def equal_leaf(leaf: LeafInputs, k: int):
     """Non-float leaf: checks all K copies are equal and returns model 0's copy.
+
+    A stacked leaf split over several processes is compared on its devices
+    (only the K answers come to the host).
 
     Raises:
         ValueError naming the leaf and the first model that differs.
     """
+    if leaf.xs is None and global_arrays.spans_processes(leaf.stacked):
+        same = global_arrays.to_numpy(_models_equal(leaf.stacked))
+        differ = [i for i in range(1, k) if not same[i]]
+        if differ:
+            raise ValueError(
+                f"leaf '{leaf.name}' has dtype {leaf.dtype}, which is not averaged or "
+                f"selected, so it must be equal in every model; models[{differ[0]}] differs "
+                "from models[0]")
+        return leaf.model(0)
     ref = _host(leaf.model(0))
     for i in range(1, k):
         if not np.array_equal(ref, _host(leaf.model(i))):
@@ -339,9 +361,12 @@ def equal_leaf(leaf: LeafInputs, k: int):
 def all_finite(x) -> bool:
     """True where every element of x is finite (CPU arrays: checked on the host
     through a zero-copy view, see `host_staging.finite`)."""
-    if isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.devices()):
+    if isinstance(x, np.ndarray) or (x.is_fully_addressable
+                                     and all(d.platform == "cpu" for d in x.devices())):
         return host_staging.finite(np.asarray(x).reshape(-1))
-    return bool(jax.jit(lambda a: jnp.isfinite(a).all())(x))
+    # On device; an array of several processes reduces to one replicated bool.
+    check = jax.jit(lambda a: jnp.isfinite(a).all(), out_shardings=global_arrays.replicated(x))
+    return bool(global_arrays.to_numpy(check(x)))
 
 
 def nonfinite_error(leaf: LeafInputs, k: int, use_base: bool):
@@ -369,5 +394,5 @@ def finish_leaf(leaf: LeafInputs, out):
         except Exception:  # noqa: BLE001 - incomparable sharding kinds
             same = False
         if not same:
-            out = jax.device_put(out, want)
+            out = global_arrays.in_order(jax.device_put(out, want))
     return out

@@ -61,8 +61,10 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from psm import global_arrays
 from psm.merge import host_staging, leaf_inputs, ties_threshold
 from psm.merge import kernels as K
 from psm.merge.host_staging import x64_if_needed as _x64_if_needed
@@ -243,7 +245,7 @@ def _run(prep: leaf_inputs.Prepared, leaf_fn: Callable, *, allow_nonfinite: bool
         for j, leaf in enumerate(prep.leaves):
             if leaf.is_float:
                 with _x64_if_needed(leaf.dtype):
-                    outs[j] = leaf_fn(leaf, stager)
+                    outs[j] = global_arrays.in_order(leaf_fn(leaf, stager))
     for j, leaf in enumerate(prep.leaves):
         if not leaf.is_float:
             continue
@@ -487,10 +489,10 @@ def ties(models, base, density, weights=None, scale: float = 1.0, *, trim: str =
                 leaf, "ties", (tbits, cuts, _cast(w, leaf), _cast(scale, leaf)),
                 (("normalize", bool(normalize)), ("poison", poison),
                  ("by_position", by_position)), base=leaf.base, check=check)
-        return K.ties_kernel(
+        return global_arrays.in_order(K.ties_kernel(
             leaf.inputs, leaf.base, tbits, cuts, _cast(w, leaf), _cast(scale, leaf),
             stacked=_stacked(leaf), normalize=bool(normalize),
-            out_sharding=leaf.out_sharding, poison=poison, by_position=by_position)
+            out_sharding=leaf.out_sharding, poison=poison, by_position=by_position))
 
     # Thresholds for all leaves (a pipeline over leaves); each leaf's merge pass
     # is dispatched (or queued on the stager) as soon as its thresholds are known.
@@ -586,12 +588,17 @@ def dare(models, base, drop_rate, *, key, weights=None, scale: float = 1.0,
         elif rescale == "none":
             factors = np.ones(prep.k)
         else:
-            parts = np.asarray(K.dare_l1_kernel(
-                leaf.inputs, leaf.base, seeds, np.uint32(offset), drop_thr,
-                stacked=_stacked(leaf))).reshape(2, prep.k, -1)
-            # Summed by numpy (pairwise) from the gathered host array: the same bits
-            # however the leaf is sharded, which an on-device reduction is not.
-            sums = parts.sum(axis=2)
+            parts = K.dare_l1_kernel(leaf.inputs, leaf.base, seeds, np.uint32(offset),
+                                     drop_thr, stacked=_stacked(leaf))
+            if any(global_arrays.spans_processes(a) for a in leaf.arrays):
+                # Split over several processes: summed on the devices (only the 2K
+                # sums come to the host; the last bits may differ from numpy's).
+                sums = global_arrays.to_numpy(jnp.sum(
+                    jnp.reshape(parts, (2, prep.k, -1)), axis=2))
+            else:
+                # Summed by numpy (pairwise) from the gathered host array: the same
+                # bits however the leaf is sharded, which an on-device reduction is not.
+                sums = np.asarray(parts).reshape(2, prep.k, -1).sum(axis=2)
             before, after = sums[0], sums[1]
             ok = (before >= 1e-7) & (after >= 1e-7)
             factors = np.where(ok, before / np.where(ok, after, 1), 1).astype(before.dtype)

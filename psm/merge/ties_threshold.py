@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psm import global_arrays
 from psm.merge import kernels as K
 from psm.merge import host_staging
 
@@ -349,6 +350,13 @@ def per_tensor(leaves, k_models: int, densities, on_ready=None) -> dict:
         out[leaf.name] = (job.tbits, job.cuts)
         if not job.todo:
             on_ready(leaf, job.tbits, job.cuts)
+        elif jax.process_count() > 1:
+            # Several processes: no host sees the entries of an array split over
+            # them, and device passes dispatched from the helper thread below could
+            # meet the other processes' collectives in another order; the search
+            # runs on the devices, leaf by leaf, in every process alike.
+            _solve_job_on_devices(job)
+            on_ready(leaf, job.tbits, job.cuts)
         elif n <= EXACT:
             _solve_job_exact(job)
             on_ready(leaf, job.tbits, job.cuts)
@@ -472,6 +480,17 @@ def _solve_job(job):
     if missed:
         job.todo = missed
         _solve_job_exact(job)
+
+
+def _solve_job_on_devices(job):
+    """Exact thresholds of job.todo by `kernels.threshold_search_kernel` (counts only
+    come to the host; the same (t, cut) as the host search)."""
+    leaf = job.leaf
+    ks = np.array([min(max(k, 1), leaf.size - 1) for k in job.ks], np.int32)
+    tbits, cuts = global_arrays.tree_to_numpy(K.threshold_search_kernel(
+        leaf.inputs, leaf.base, ks, stacked=leaf.xs is None))
+    for i in job.todo:
+        job.tbits[i], job.cuts[i] = tbits[i], cuts[i]
 
 
 def _solve_job_exact(job):
@@ -754,6 +773,13 @@ def whole_model(leaves, k_models: int, densities):
     Returns:
         dict leaf name -> (tbits `[K]`, cuts `[K]`).
     """
+    spanning = [leaf.name for leaf in leaves
+                if any(global_arrays.spans_processes(a) for a in leaf.arrays)]
+    if spanning:
+        raise ValueError(
+            f"whole-model TIES trimming (trim='model') reads every entry's magnitude on "
+            f"the host, but leaf '{spanning[0]}' is split over several processes; use "
+            "trim='tensor' (config.merge.ties_trim='tensor')")
     order = sorted(range(len(leaves)), key=lambda j: leaves[j].name)
     rank = {j: r for r, j in enumerate(order)}
     utypes = {K.uint_for(K.compute_dtype(leaves[j].dtype)) for j in order}

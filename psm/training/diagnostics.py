@@ -10,6 +10,8 @@
   ||tau_a - tau_b|| / mean_i ||tau_i|| and the pairwise sign agreement.
 - Fraction of parameters still equal to the base (where resampling acts).
 
+Parameters stay where they are (global arrays of several processes included):
+the reductions run on the devices and only their small results are read back.
 Everything here is a pure function of its inputs; the model evaluation is
 injected as `loss_fn(stacked params [M, ...]) -> [M]`, so the functions are
 tested on toy losses over toy trees.
@@ -17,12 +19,15 @@ tested on toy losses over toy trees.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from psm import global_arrays
 
 LossFn = Callable[[object], np.ndarray]
 
@@ -73,17 +78,20 @@ def interpolate(ends, a, b, t):
       float32 (float64 leaves in float64) and cast back to each leaf's dtype.
     """
     a, b = np.asarray(a), np.asarray(b)
-    t = np.asarray(t, np.float64)
+    t = np.asarray(t, np.float64)  # cast to each leaf's compute dtype in _interpolate_leaf
 
-    def leaf(x):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            return x[a]
-        ct = jnp.promote_types(x.dtype, jnp.float32)
-        tt = jnp.asarray(t, ct).reshape((-1,) + (1,) * (x.ndim - 1))
-        xa, xb = x[a].astype(ct), x[b].astype(ct)
-        return ((1 - tt) * xa + tt * xb).astype(x.dtype)
+    return jax.tree.map(lambda x: global_arrays.in_order(_interpolate_leaf(x, a, b, t)), ends)
 
-    return jax.tree.map(leaf, ends)
+
+@jax.jit
+def _interpolate_leaf(x, a, b, t):
+    """One leaf of `interpolate` (jitted: one program per leaf, also across processes)."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x[a]
+    ct = jnp.promote_types(x.dtype, jnp.float32)
+    tt = t.astype(ct).reshape((-1,) + (1,) * (x.ndim - 1))
+    xa, xb = x[a].astype(ct), x[b].astype(ct)
+    return ((1 - tt) * xa + tt * xb).astype(x.dtype)
 
 
 def _losses_in_passes(loss_fn: LossFn, ends, a, b, t, models_per_pass: int) -> np.ndarray:
@@ -116,8 +124,8 @@ def loss_barriers(loss_fn: LossFn, params_k, average, grid, models_per_pass: int
     """
     g = check_grid(grid)
     k = jax.tree.leaves(params_k)[0].shape[0]
-    ends = jax.tree.map(lambda s, m: jnp.concatenate([s, m[None].astype(s.dtype)]),
-                        params_k, average)
+    ends = jax.tree.map(lambda s, m: global_arrays.in_order(
+        jnp.concatenate([s, m[None].astype(s.dtype)])), params_k, average)
     m = models_per_pass or k + 1
     end_loss = _losses_in_passes(loss_fn, ends, np.arange(k + 1), np.arange(k + 1),
                                  np.zeros(k + 1), m)
@@ -139,10 +147,37 @@ def loss_barriers(loss_fn: LossFn, params_k, average, grid, models_per_pass: int
 
 
 def _float_pairs(params_k, base):
-    """(replica leaf `[K, n]`, base leaf `[n]`) for every floating leaf."""
+    """(replica leaf `[K, ...]`, base leaf `[...]`) for every floating leaf."""
     for s, b in zip(jax.tree.leaves(params_k), jax.tree.leaves(base)):
         if jnp.issubdtype(s.dtype, jnp.floating):
-            yield jnp.reshape(s, (s.shape[0], -1)), jnp.reshape(b, (-1,))
+            yield s, b
+
+
+@functools.partial(jax.jit, static_argnames=("pairs",))
+def _leaf_geometry(s, b, pairs):
+    """One leaf's share of `task_vector_geometry`, on the devices: `[K]` squared
+    norms of tau_i, and per pair (a, b) `[P]` sums of (tau_a - tau_b)^2, of
+    entries of equal signs and of entries non-zero in both."""
+    k = s.shape[0]
+    ct = jnp.promote_types(s.dtype, jnp.float32)
+    tau = jnp.reshape(s, (k, -1)).astype(ct) - jnp.reshape(b, (1, -1)).astype(ct)
+    sign = jnp.sign(tau)
+    d2, agree, both = [], [], []
+    for i, j in pairs:
+        d = tau[i] - tau[j]
+        prod = sign[i] * sign[j]
+        d2.append(jnp.sum(d * d))
+        agree.append(jnp.sum(prod > 0))
+        both.append(jnp.sum(prod != 0))
+    stack = lambda xs: jnp.stack(xs) if xs else jnp.zeros((0,), ct)
+    return jnp.sum(tau * tau, axis=1), stack(d2), stack(agree), stack(both)
+
+
+@jax.jit
+def _leaf_unchanged(s, b):
+    """`[K]` entries of each replica's leaf equal to the base's."""
+    k = s.shape[0]
+    return jnp.sum(jnp.reshape(s, (k, -1)) == jnp.reshape(b, (1, -1)), axis=1)
 
 
 def task_vector_geometry(params_k, base) -> dict:
@@ -161,19 +196,17 @@ def task_vector_geometry(params_k, base) -> dict:
       in float64 on the host.
     """
     k = jax.tree.leaves(params_k)[0].shape[0]
+    pairs = tuple(itertools.combinations(range(k), 2))
     sq = np.zeros(k)
     dist2, agree, both = np.zeros((k, k)), np.zeros((k, k)), np.zeros((k, k))
     for s, b in _float_pairs(params_k, base):
-        ct = jnp.promote_types(s.dtype, jnp.float32)
-        tau = s.astype(ct) - b.astype(ct)[None]
-        sq += np.asarray(jnp.sum(tau * tau, axis=1), np.float64)
-        sign = jnp.sign(tau)
-        for i, j in itertools.combinations(range(k), 2):
-            d = tau[i] - tau[j]
-            prod = sign[i] * sign[j]
-            dist2[i, j] += float(jnp.sum(d * d))
-            agree[i, j] += float(jnp.sum(prod > 0))
-            both[i, j] += float(jnp.sum(prod != 0))
+        # On the devices, one program per leaf; only the sums come to the host.
+        leaf_sq, d2, ag, bo = global_arrays.tree_to_numpy(_leaf_geometry(s, b, pairs))
+        sq += np.asarray(leaf_sq, np.float64)
+        for p, (i, j) in enumerate(pairs):
+            dist2[i, j] += float(d2[p])
+            agree[i, j] += float(ag[p])
+            both[i, j] += float(bo[p])
     dist2, agree, both = (x + x.T for x in (dist2, agree, both))
     norm = np.sqrt(sq)
     mean_norm = norm.mean()
@@ -191,7 +224,7 @@ def fraction_unchanged(params_k, base) -> list[float]:
     k = jax.tree.leaves(params_k)[0].shape[0]
     same, total = np.zeros(k), 0
     for s, b in zip(jax.tree.leaves(params_k), jax.tree.leaves(base)):
-        s = jnp.reshape(s, (k, -1))
-        same += np.asarray(jnp.sum(s == jnp.reshape(b, (1, -1)), axis=1), np.float64)
-        total += s.shape[1]
+        # Counted on the devices; only the [K] counts come to the host.
+        same += np.asarray(global_arrays.to_numpy(_leaf_unchanged(s, b)), np.float64)
+        total += s.size // k
     return (same / max(total, 1)).tolist()

@@ -10,7 +10,9 @@ process's devices. Every process runs the same steps in the same order:
   (`global_batch`), so the global batch is the one a single process would build;
 * training state, metrics and checkpoints are global arrays; orbax writes and
   restores a checkpoint when every process calls it;
-* host copies of global arrays (`to_host`) are gathered from every process;
+* host copies of global arrays (`to_host`) are gathered from every process; the
+  work after training (merges, evaluation) runs on the global arrays themselves
+  (`psm.global_arrays.to_numpy` reads back only their small results);
 * only the primary process (process 0) writes the run's files (metrics,
   results, per-sample losses, plots, config.json, exports): `is_primary`.
 
@@ -119,19 +121,6 @@ def to_host(tree: Any) -> Any:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def to_local(tree: Any) -> Any:
-    """A tree of global arrays as arrays on this process's default device.
-
-    The work after training (merge, evaluation) runs in each process on its own
-    devices from these copies; with one process the tree is returned as is.
-    """
-    if not is_multiprocess():
-        return tree
-    import jax
-    import jax.numpy as jnp
-    return jax.tree.map(jnp.asarray, to_host(tree))
 
 
 def from_primary(tree: Any) -> Any:

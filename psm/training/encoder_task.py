@@ -44,6 +44,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from psm import global_arrays
 from psm.training import replicas
 from psm.evaluation import glue, lm
 from psm.models import bert, hf_bert, registry, speed
@@ -266,7 +267,7 @@ def _batches(arrays, batch_size: int, desc: str | None):
 def per_sample_losses(eval_step, params_m, arrays, batch_size: int,
                       desc: str | None = None) -> np.ndarray:
     """Loss of every example under each of M stacked models: `[M, N]` float64."""
-    out = [np.asarray(eval_step(params_m, b))[:, idx >= 0]
+    out = [global_arrays.to_numpy(eval_step(params_m, b))[:, idx >= 0]
            for idx, b in _batches(arrays, batch_size, desc)]
     return np.concatenate(out, axis=1).astype(np.float64)
 
@@ -295,7 +296,7 @@ def make_predict_step(graphdef):
 def predictions(predict_step, params_m, arrays, batch_size: int,
                 desc: str | None = None) -> np.ndarray:
     """`[M, N]` predictions: class ids (as floats) or regression values."""
-    out = [np.asarray(predict_step(params_m, b))[:, idx >= 0]
+    out = [global_arrays.to_numpy(predict_step(params_m, b))[:, idx >= 0]
            for idx, b in _batches(arrays, batch_size, desc)]
     return np.concatenate(out, axis=1)
 

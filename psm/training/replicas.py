@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from psm import global_arrays
 from psm.models.chunked_loss import chunked_token_nll
 from psm.training import sharding
 
@@ -117,8 +118,20 @@ def stack(tree: Any, k: int) -> Any:
 
 
 def unstack(tree: Any, i: int) -> Any:
-    """Replica `i` of a stacked tree."""
-    return jax.tree.map(lambda x: x[i], tree)
+    """Replica `i` of a stacked tree.
+
+    A leaf split by a `NamedSharding` `[K, ...]` comes out split like one replica
+    (its spec without the leading `replica` axis), by a jitted copy that every
+    process runs (global arrays of several processes included).
+    """
+    def one(x):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding):
+            return global_arrays.in_order(
+                jax.jit(lambda a: a[i], out_shardings=sharding.unstacked(sh))(x))
+        return x[i]
+
+    return jax.tree.map(one, tree)
 
 
 def token_nll(graphdef: nnx.GraphDef, params: Any, batch: dict,

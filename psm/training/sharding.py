@@ -227,3 +227,10 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def unstacked(stacked: NamedSharding) -> NamedSharding:
+    """The sharding of one replica of a stacked `[K, ...]` leaf: its spec without the
+    leading (`replica`) entry, on the same mesh. Merged models, single replicas and
+    the base are laid out so: split inside every replica group."""
+    return NamedSharding(stacked.mesh, P(*tuple(stacked.spec)[1:]))

@@ -5,11 +5,12 @@ mesh, restore, train loop, merge, evaluate, report. Everything random flows
 from config seeds; rerunning a config on a workdir resumes from its latest
 checkpoint and ends with bit-identical parameters.
 
-Several processes (`psm.training.distributed`) run this same function: the
-train loop works on global arrays (each process builds its own batch shards,
-every process saves and restores the checkpoints); the trained replicas are
-then copied to every process, which merges and evaluates them on its own
-devices; only process 0 writes the run's files.
+Several processes (`psm.training.distributed`) run this same function on
+global arrays: each process builds its own batch shards, every process saves
+and restores the checkpoints, and the merges, diagnostics and evaluations are
+computations on the sharded replicas that every process runs alike (only small
+results, such as losses and generated tokens, are read back to the hosts); only
+process 0 writes the run's files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 from flax import nnx
 from tqdm import tqdm
 
-from psm import imbalance, merge
+from psm import global_arrays, imbalance, merge
 from psm.data import orders, packed_batches, paper_tasks, tasks
 from psm.evaluation import lm, runner
 from psm.models import hf_llama, registry, speed
@@ -451,10 +452,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     placed = base
     if distributed.is_multiprocess():
         placed = distributed.from_primary(base)
-        base = jax.tree.map(jnp.asarray, placed)
     elif any(getattr(x, "committed", False) for x in jax.tree.leaves(base)):
         placed = jax.device_get(base)
     params_k, opt_k, state_sh, opt_sh = replicas.place_state(placed, k, tx, mesh)
+    # The base the merges and diagnostics read is laid out like one replica (split
+    # inside every replica group), as the merged models are.
+    base = jax.device_put(placed, jax.tree.map(sharding.unstacked, state_sh))
+    del placed
     if encoder:
         train_step = encoder_task.make_train_step(graphdef, tx, state_sh, batch_sh, opt_sh)
         eval_step = encoder_task.make_eval_step(graphdef)
@@ -554,10 +558,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     ckpt.save(done, {"params": params_k, "opt_state": opt_k})
     bar.close()
     ckpt.close()
+    del opt_k  # saved; its device memory is free for the merges and evaluations
     train_seconds = time.time() - t_train
+    # From here on every process works on the same global arrays: the merges
+    # (jitted per leaf, each merged leaf split like one replica), the diagnostics
+    # and the evaluations run on the devices of the whole mesh, and only small
+    # results (losses, counts, generated tokens) are gathered to the hosts.
     # Several processes: every process continues with all K replicas on its own
     # devices (the merges and evaluations below read host values throughout).
-    params_k = distributed.to_local(params_k)
 
     # ------------------------------------------------------------------ merge
     # Every row is scored from the replicas as stored (config.merge.storage_dtype),
@@ -574,7 +582,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     merged = merge_models(config, params_k, base, val_loss=val_loss_fn, record=chosen)
     merged = jax.block_until_ready(merged)
     merge_seconds = time.time() - t_merge
-    exported = _export_hf(config, workdir, model_cfg, merged, tokenizer) if primary else {}
+    exported = _export_hf(config, workdir, model_cfg, merged, tokenizer, write=primary)
 
     # --------------------------------------------------------------- evaluate
     names = [f"replica {i}" for i in range(k)] + [row_name(config, m)
@@ -744,32 +752,55 @@ def _barrier_report(config, val_loss_fn, stored_k, stored_base, merged: dict, ba
     return out
 
 
-def _export_hf(config, workdir: str, model_cfg, merged: dict, tokenizer) -> dict:
+def _export_hf(config, workdir: str, model_cfg, merged: dict, tokenizer, *,
+               write: bool = True) -> dict:
     """Writes the merged models named in config.export.hf as HF folders under export/.
 
+    Called by every process: each merged model is copied to the host leaf by leaf
+    (`_host_tree`; with several processes every one of them takes part in each
+    leaf's gather), and only the writing process (`write`, process 0) keeps the
+    copies and writes the files.
+
     Returns:
-      merged-model name -> folder (relative to the workdir).
+      merged-model name -> folder (relative to the workdir); {} where not `write`.
     """
     out = {}
     for method in config.export.hf:
         name = row_name(config, method)
+        host = _host_tree(merged[name], keep=write)
+        if not write:
+            continue
         folder = os.path.join(workdir, "export", name)
-        hf_llama.save_hf_llama(folder, model_cfg, merged[name], tokenizer=tokenizer,
+        hf_llama.save_hf_llama(folder, model_cfg, host, tokenizer=tokenizer,
                                dtype=config.export.dtype or None)
+        del host
         out[name] = os.path.relpath(folder, workdir)
         log.info("exported merged model %s to %s", name, folder)
     return out
+
+
+def _host_tree(tree, *, keep: bool):
+    """A numpy copy of a (sharded) tree, gathered one leaf at a time; None unless
+    `keep` (the other processes of a multi-process run only take part in the
+    gathers)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    host = []
+    for x in leaves:
+        value = global_arrays.to_numpy(x)
+        if keep:
+            host.append(value)
+    return jax.tree.unflatten(treedef, host) if keep else None
 
 
 def _eval_during_training(writer, step, eval_loss, eval_step, params_k, val_arrays, config):
     """Validation loss of each replica and of their uniform average (paper Fig. 4).
 
     `eval_loss`: `runner.validation_loss` (decoders) or `encoder_task.validation_loss`.
-    Several processes: each scores a host copy of the replicas on its own devices.
+    Runs on the sharded replicas as they are (several processes: on the global arrays).
     """
-    params_k = distributed.to_local(params_k)
     avg = merge.average(params_k, stacked=True)
-    models = jax.tree.map(lambda s, a: jnp.concatenate([s, a[None]]), params_k, avg)
+    models = jax.tree.map(
+        lambda s, a: global_arrays.in_order(jnp.concatenate([s, a[None]])), params_k, avg)
     losses = eval_loss(eval_step, models, val_arrays, config.eval.batch_size)
     writer.write(step, **{"val/loss": losses[:-1], "val/loss_average_merge": float(losses[-1])})
 
