@@ -17,8 +17,13 @@ from psm.training import trainer
 
 
 def _config():
+    # Resume is about the training loop and the rows it writes: one merge and no
+    # ensemble, greedy soup or barrier lines, which each of the four runs below
+    # would otherwise evaluate again (tests/test_train_e2e.py covers those rows).
     c = tiny.get_config("test")
     c.mesh.replica = 1
+    c.merge.methods = ("average", "select_resample")
+    c.eval.barrier = False
     return c
 
 
