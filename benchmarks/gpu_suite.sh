@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed measurements on one GPU, as one script that fits a short loan of the
+# The speed measurements on one GPU, as one script that fits a short booking of the
 # machine (about 6 minutes on an H200 at the default sizes): training throughput
 # (SmolLM2-135M, K = 1, 2, 4, 8 at 4 x 512 tokens; TinyLlama-1.1B's architecture,
 # K = 1 and 4 at sequence 2048), greedy GSM8K decoding of the 1,319 test prompts
