@@ -131,13 +131,14 @@ def test_a_trained_run_may_change_only_what_happens_after_training(tmp_path, cap
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_a_run_written_before_the_speed_options_still_resumes(tmp_path, remat):
-    """config.json of an older psm: model.remat a bool, no model.attention and no
-    train.loss_chunk. Rerunning the same config (remat spelt as today's name) resumes."""
+    """config.json of an older psm: model.remat a bool, no model.attention,
+    train.loss_chunk or train.packing. Rerunning the same config (remat spelt as
+    today's name) resumes; packing the old run's batches now is another config."""
     new = tiny.get_config("test")
     new.model.remat = "full" if remat else "none"
     old = wd.config_to_dict(new)
     old["model"]["remat"] = remat
-    del old["model"]["attention"], old["train"]["loss_chunk"]
+    del old["model"]["attention"], old["train"]["loss_chunk"], old["train"]["packing"]
     workdir = tmp_path / "run"
     os.makedirs(workdir / "checkpoints" / "6")
     (workdir / "config.json").write_text(json.dumps(old))
@@ -146,6 +147,11 @@ def test_a_run_written_before_the_speed_options_still_resumes(tmp_path, remat):
     other.model.remat = "none" if remat else "full"
     with pytest.raises(ValueError, match=r"differing keys: model\.remat\)"):
         wd.prepare(str(workdir), other)
+    packed = tiny.get_config("test")
+    packed.model.remat = new.model.remat
+    packed.train.packing = True
+    with pytest.raises(ValueError, match=r"differing keys: train\.packing\)"):
+        wd.prepare(str(workdir), packed)
 
 
 def _train_cli(tmp_path, *overrides):

@@ -48,10 +48,13 @@ def read_config(path: str) -> dict:
                              "is written by psm.train, so this one is damaged") from None
 
 
-# Speed options added after runs were already written, with their defaults; a
-# config.json without them is read as having them. They compute the same model
-# (on a GPU, attention 'auto' may now pick cuDNN: equal up to rounding).
-_ADDED_SPEED_KEYS = (("model", "attention", "auto"), ("train", "loss_chunk", 0))
+# Speed options added after runs were already written, with the values those runs
+# had; a config.json without them is read as having them. They compute the same
+# model (on a GPU, attention 'auto' may now pick cuDNN: equal up to rounding). An
+# older run was never packed: rerunning it under a config that now packs (the
+# decoder paper tasks) is refused as a different config, naming train.packing.
+_ADDED_SPEED_KEYS = (("model", "attention", "auto"), ("train", "loss_chunk", 0),
+                     ("train", "packing", False))
 
 
 def upgrade_config(saved: dict) -> dict:
@@ -59,8 +62,8 @@ def upgrade_config(saved: dict) -> dict:
     it resumes instead of being refused as a different config.
 
     `model.remat` was a bool (True / False = today's 'full' / 'none');
-    `model.attention` and `train.loss_chunk` did not exist (read as their
-    defaults). Other keys are left as they are.
+    `model.attention`, `train.loss_chunk` and `train.packing` did not exist
+    (read as 'auto', 0 and False). Other keys are left as they are.
     """
     out = json.loads(json.dumps(saved))  # a deep copy
     model = out.get("model")
