@@ -10,9 +10,9 @@ process's devices. Every process runs the same steps in the same order:
   (`global_batch`), so the global batch is the one a single process would build;
 * training state, metrics and checkpoints are global arrays; orbax writes and
   restores a checkpoint when every process calls it;
-* host copies of global arrays (`to_host`) are gathered from every process; the
-  work after training (merges, evaluation) runs on the global arrays themselves
-  (`psm.global_arrays.to_numpy` reads back only their small results);
+* host copies of global arrays (`psm.global_arrays.to_numpy`) are gathered from
+  every process; the work after training (merges, evaluation) runs on the global
+  arrays themselves, and only their small results (metrics, losses) are read back;
 * only the primary process (process 0) writes the run's files (metrics,
   results, per-sample losses, plots, config.json, exports): `is_primary`.
 
@@ -108,19 +108,6 @@ def is_primary() -> bool:
 def is_multiprocess() -> bool:
     import jax
     return jax.process_count() > 1
-
-
-def to_host(tree: Any) -> Any:
-    """Numpy copies of a tree of (global) arrays, the same in every process.
-
-    One process: `jax.device_get`. Several: every process's shards are gathered
-    (`multihost_utils.process_allgather`), a collective every process must call.
-    """
-    import jax
-    if not is_multiprocess():
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def from_primary(tree: Any) -> Any:

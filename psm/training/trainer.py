@@ -505,7 +505,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if not pending:
             return
         steps = [step for step, _ in pending]
-        host = distributed.to_host([m for _, m in pending])  # [K] per metric, all replicas
+        host = global_arrays.tree_to_numpy([m for _, m in pending])  # [K] per metric, all replicas
         pending.clear()
         for step, m in zip(steps, host):
             loss = np.asarray(m["loss"])
