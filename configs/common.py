@@ -26,6 +26,9 @@ def base() -> config_dict.ConfigDict:
     c.task.num_validation = 200
     c.task.num_test = 0  # 0 = all
     c.task.max_len = 384  # tokens per training row (BOS and EOS included)
+    # BERT batches only: keep the columns the longest example needs, rounded up to this
+    # (a few compiled lengths); 0 = every batch max_len columns. Decoders: train.packing.
+    c.task.pad_to_multiple = 0
     c.task.prompt_len = 256  # left-padded prompt length for generation
     c.task.max_new_tokens = 256
 

@@ -19,10 +19,12 @@ dropout (replicas differ only in their data order). Max length 64 tokens (128 fo
 sentence pairs of RTE and MRPC). CoLA and SST-2 train on their first 2,000 examples
 (`--config.task.num_train=0` for all 8.5k / 67k); the others on all of theirs.
 
-Expected run time: one K = 4 MiniLM step (32 rows x 64 tokens per replica) took 16 s on a
-2-core CPU shared with other jobs (25 s with compilation), so a cola/sst2 run (189 steps)
-takes about an hour there plus evaluation, the full pair tasks (216-522 steps, 128 tokens
-for rte/mrpc) several hours; minutes on a GPU. Expected result: not yet measured with this
+Batches keep only the columns their longest example needs, rounded up to 16
+(`task.pad_to_multiple`; outputs equal the uncut batches' up to rounding). Expected run
+time: one K = 4 MiniLM step (32 rows per replica) took 8.1 s at 64 columns and 4.2 s at
+32 on a 2-core CPU, so a cola run (189 steps, most of them at 32 columns) trains in about
+15 minutes there plus evaluation (benchmarks/bench_glue_padding.py), the full pair tasks
+(216-522 steps, up to 128 tokens for rte/mrpc) in hours; minutes on a GPU. Expected result: not yet measured with this
 config (the smoke variant checks the wiring only). Every row reports the task's GLUE
 metrics in results.json `test_metrics` (MCC for CoLA, accuracy for SST-2/RTE, accuracy and
 F1 for MRPC, Pearson/Spearman for STS-B); for orientation, 6-layer 384-wide MiniLM models
@@ -50,6 +52,9 @@ def get_config(arg=None):
     c.task.head = "regression" if name == "stsb" else "classification"
     c.task.max_len = 128 if name in ("rte", "mrpc") else 64
     c.task.num_train = NUM_TRAIN.get(name, 0)
+    # Batches cut to their longest example, rounded up to 16 tokens: the same model
+    # outputs up to rounding, on far fewer columns (most GLUE sentences are short).
+    c.task.pad_to_multiple = 16
     c.model.init = "pretrained"
     c.model.kind = "minilm"  # 'minilm' (the wheel) | 'hf' (a BERT folder at model.path)
     c.model.path = ""

@@ -48,6 +48,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                                  r"'cudnn'\]"),
     ("model.attention", "cudnn", r"config\.model\.attention='cudnn' needs"),  # a GPU / bf16
     ("train.loss_chunk", -1, r"config\.train\.loss_chunk must be an int >= 0"),
+    ("task.pad_to_multiple", 16, r"config\.task\.pad_to_multiple=16 cuts the padding of "
+                                 r"BERT batches"),
 ])
 def test_bad_value_fails_before_anything_is_written(tmp_path, key, value, match):
     config = tiny.get_config("test")
@@ -132,13 +134,14 @@ def test_a_trained_run_may_change_only_what_happens_after_training(tmp_path, cap
 @pytest.mark.parametrize("remat", [False, True])
 def test_a_run_written_before_the_speed_options_still_resumes(tmp_path, remat):
     """config.json of an older psm: model.remat a bool, no model.attention,
-    train.loss_chunk or train.packing. Rerunning the same config (remat spelt as
+    train.loss_chunk, train.packing or task.pad_to_multiple. Rerunning the same config (remat spelt as
     today's name) resumes; packing the old run's batches now is another config."""
     new = tiny.get_config("test")
     new.model.remat = "full" if remat else "none"
     old = wd.config_to_dict(new)
     old["model"]["remat"] = remat
     del old["model"]["attention"], old["train"]["loss_chunk"], old["train"]["packing"]
+    del old["task"]["pad_to_multiple"]
     workdir = tmp_path / "run"
     os.makedirs(workdir / "checkpoints" / "6")
     (workdir / "config.json").write_text(json.dumps(old))

@@ -270,6 +270,71 @@ def test_vmapped_replica_step_equals_separate_single_model_steps(task_name):
     assert float(metrics["loss"][2]) == pytest.approx(float(own), rel=1e-5)
 
 
+def test_batch_length_is_the_longest_real_example_rounded_up():
+    attention = np.zeros((4, 40), np.int32)
+    for row, n in enumerate([3, 17, 33, 40]):
+        attention[row, :n] = 1
+    arrays = {"tokens": attention, "attention": attention}
+    assert encoder_task.batch_length(arrays, np.array([[0, 1], [0, -1]]), 16) == 32
+    assert encoder_task.batch_length(arrays, np.array([0, -1, -1]), 16) == 16
+    assert encoder_task.batch_length(arrays, np.array([2, 0]), 16) == 40  # capped at T
+    assert encoder_task.batch_length(arrays, np.array([0, 1]), 0) == 40  # 0: uncut
+    assert encoder_task.batch_length(arrays, np.array([-1, -1]), 16) == 40  # nothing real
+
+
+@pytest.mark.parametrize("task_name", ["mrpc", "stsb"])
+def test_cut_batches_compute_what_uncut_batches_compute(task_name):
+    """config.task.pad_to_multiple: the step on batches cut to their longest example
+    gives the uncut step's losses and updates; evaluation, which then visits examples
+    shortest first, returns every example's loss and prediction in example order."""
+    _need_minilm()
+    config, graphdef, base, tokenizer = _tiny(task_name)
+    records = [dict(r, label=float(r["label"]) * (2.5 if task_name == "stsb" else 1))
+               for r in PAIRS]
+    arrays, _ = encoder_task.encode_split(records, tokenizer, task_name, max_len=40)
+    lengths = arrays["attention"].sum(axis=1)
+    assert lengths.max() <= 24 and len(set(lengths)) > 2  # so the cut and the sort bite
+    k = 3
+    params_k = _distinct_replicas(base, k)
+    tx, _ = trainer.make_optimizer(config, 10)
+    opt_k = replicas.init_opt_state(tx, params_k)
+    idx = np.array([[0, 2], [3, 4], [2, -1]])
+    length = encoder_task.batch_length(arrays, idx, 8)
+    assert length == -(-lengths[[0, 2, 3, 4]].max() // 8) * 8 < 40
+    step = encoder_task.make_train_step(graphdef, tx)
+    copy = functools.partial(jax.tree.map, jnp.copy)  # the step donates its inputs
+    cut = step(copy(params_k), copy(opt_k), encoder_task.gather_batch(arrays, idx, length))
+    full = step(copy(params_k), copy(opt_k), encoder_task.gather_batch(arrays, idx))
+    np.testing.assert_allclose(cut[2]["loss"], full[2]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(cut[2]["grad_norm"], full[2]["grad_norm"], rtol=1e-5)
+    # The gradients themselves (Adam's first update, ~lr * sign(g), would magnify the
+    # rounding of near-zero components, so the updated parameters are no measure).
+    grad = jax.jit(jax.grad(functools.partial(encoder_task.mean_loss, graphdef)))
+    for i in range(k):
+        one = replicas.unstack(params_k, i)
+        g_cut = grad(one, encoder_task.gather_batch(arrays, idx[i], length))
+        g_full = grad(one, encoder_task.gather_batch(arrays, idx[i]))
+        # Some leaves' exact gradient is 0 (the attention key bias: softmax ignores a
+        # shift), so both sides hold rounding noise there: absolute tolerance relative
+        # to the largest gradient component.
+        scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g_full))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                             atol=1e-6 * scale), g_cut, g_full)
+
+    eval_step = encoder_task.make_eval_step(graphdef)
+    predict = encoder_task.make_predict_step(graphdef)
+    by_cut = {m: (encoder_task.per_sample_losses(eval_step, params_k, arrays, 2,
+                                                 pad_to_multiple=m),
+                  encoder_task.predictions(predict, params_k, arrays, 2, pad_to_multiple=m))
+              for m in (0, 8)}
+    np.testing.assert_allclose(by_cut[8][0], by_cut[0][0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(by_cut[8][1], by_cut[0][1], rtol=1e-5, atol=1e-6)
+    one = [float(encoder_task.per_sample_loss(
+        graphdef, replicas.unstack(params_k, 1),
+        encoder_task.gather_batch(arrays, np.array([i])))[0]) for i in range(len(PAIRS))]
+    np.testing.assert_allclose(by_cut[8][0][1], one, rtol=1e-5, atol=1e-7)  # example order
+
+
 @pytest.mark.parametrize("task_name", ["mrpc", "stsb"])
 def test_ensemble_averages_probabilities_or_predictions(task_name):
     """The ensemble row: the mean of the K members' class probabilities (its loss is
@@ -330,6 +395,7 @@ def test_pretrained_base_is_minilm_with_a_seeded_head(shared_data_dir):
     ("model.attention", "cudnn", "config.model.attention='cudnn': the BERT encoder"),
     ("train.loss_chunk", 64, "config.train.loss_chunk is a decoder option"),
     ("task.max_len", 1024, "config.task.max_len"),
+    ("task.pad_to_multiple", -8, "config.task.pad_to_multiple must be an int >= 0"),
     ("task.head", "lm", "config.model.kind='minilm' is a BERT encoder"),
 ])
 def test_bad_encoder_config_values_are_named_before_any_work(tmp_path, key, value, message):

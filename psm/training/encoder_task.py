@@ -12,6 +12,9 @@ differs lives here:
               that one base, head included;
   data        `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]` WordPiece ids with
               token types and an attention mask, padded to config.task.max_len;
+              with config.task.pad_to_multiple = m > 0 each batch keeps only the
+              columns its longest example needs, rounded up to m (`batch_length`;
+              GLUE sentences are mostly far shorter than max_len);
   loss        cross-entropy of the head's logits (squared error of the
               regression value for STS-B) per example, averaged over a batch's
               real rows;
@@ -19,7 +22,8 @@ differs lives here:
               regression value for STS-B), scored by `psm.evaluation.glue`.
 
 Arrays of a split (`encode_split`), batches (`gather_batch`) add a leading axis
-(`[K, B, ...]` in training, `[B, ...]` in evaluation):
+(`[K, B, ...]` in training, `[B, ...]` in evaluation) and may keep fewer columns
+(T' <= T, a multiple of config.task.pad_to_multiple):
 
   tokens     int32   [N, T]  WordPiece ids; padding = the tokenizer's pad id
   type_ids   int32   [N, T]  0 for [CLS] and sentence a, 1 for sentence b
@@ -71,6 +75,11 @@ def head_of(config) -> str:
 
 def is_encoder(config) -> bool:
     return head_of(config) != "lm"
+
+
+def padding_multiple(config) -> int:
+    """config.task.pad_to_multiple (0, every batch padded to max_len, when absent)."""
+    return config.task.get("pad_to_multiple", 0)
 
 
 def _model_path(config) -> str:
@@ -145,6 +154,10 @@ def validate_config(config) -> None:
                              f"(architectures {hf.get('architectures')}, model_type "
                              f"{hf.get('model_type')!r})")
         positions = int(hf.get("max_position_embeddings", 512))
+    pad = padding_multiple(config)
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"config.task.pad_to_multiple must be an int >= 0 (0 = pad every "
+                         f"batch to config.task.max_len), got {pad!r}")
     if config.task.max_len > positions:
         raise ValueError(f"config.task.max_len ({config.task.max_len}) exceeds the model's "
                          f"{positions} position embeddings")
@@ -214,12 +227,36 @@ def encode_split(records: list[dict], tokenizer: Tokenizer, task_name: str,
                     "max_len": max_len}
 
 
-def gather_batch(arrays: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows `indices` (any shape, e.g. `[K, B]`; -1 = a padding row of weight 0)."""
+def gather_batch(arrays: dict[str, np.ndarray], indices: np.ndarray,
+                 length: int | None = None) -> dict[str, np.ndarray]:
+    """Rows `indices` (any shape, e.g. `[K, B]`; -1 = a padding row of weight 0).
+
+    `length`: keep the first `length` columns (`batch_length`); None keeps all T.
+    """
     safe = np.maximum(indices, 0)
     out = {k: arrays[k][safe] for k in ARRAY_KEYS}
+    if length is not None:
+        for k in ("tokens", "type_ids", "attention"):
+            out[k] = out[k][..., :length]
     out["weight"] = (indices >= 0).astype(np.float32)
     return out
+
+
+def batch_length(arrays: dict[str, np.ndarray], indices: np.ndarray, multiple: int) -> int:
+    """Columns the batch of `indices` (any shape; -1 = padding row) needs.
+
+    Its longest example rounded up to `multiple`, at most the arrays' T; T when
+    `multiple` is 0. Cutting trailing padding columns leaves every real token's
+    output unchanged (padding is masked out of attention and the head reads
+    [CLS]), so only rounding differs; each distinct length compiles the step
+    once, and rounding up to `multiple` keeps those few (T / multiple at most).
+    """
+    t = arrays["tokens"].shape[1]
+    real = np.asarray(indices)[np.asarray(indices) >= 0]
+    if not multiple or real.size == 0:
+        return t
+    longest = int(arrays["attention"][real].sum(axis=1).max())
+    return min(t, -(-max(longest, 1) // multiple) * multiple)
 
 
 # ---------------------------------------------------------------------------- loss
@@ -255,27 +292,48 @@ def make_eval_step(graphdef):
     return replicas.make_eval_step(graphdef, sample_loss=per_sample_loss)
 
 
-def _batches(arrays, batch_size: int, desc: str | None):
+def _batches(arrays, batch_size: int, desc: str | None, pad_to_multiple: int = 0):
+    """Yields `(indices [batch_size], batch)`; -1 pads the last batch to the static shape.
+
+    With `pad_to_multiple`, examples are visited shortest first, so that each
+    batch keeps few columns (`batch_length`); callers place results by index.
+    """
     n = len(arrays["label"])
+    order = np.arange(n)
+    if pad_to_multiple:
+        order = np.argsort(arrays["attention"].sum(axis=1), kind="stable")
     for start in tqdm(range(0, n, batch_size), desc=desc, mininterval=2.0, leave=False,
                       disable=desc is None):
-        idx = np.arange(start, start + batch_size)
-        idx = np.where(idx < n, idx, -1)  # pad the last batch to the static shape
-        yield idx, gather_batch(arrays, idx)
+        idx = np.full(batch_size, -1)
+        chunk = order[start:start + batch_size]
+        idx[:len(chunk)] = chunk
+        yield idx, gather_batch(arrays, idx, batch_length(arrays, idx, pad_to_multiple))
+
+
+def _per_example(step, params_m, arrays, batch_size: int, desc: str | None,
+                 pad_to_multiple: int) -> np.ndarray:
+    """`step(params_m, batch) -> [M, B]` over every example, in example order: `[M, N]`."""
+    out = None
+    for idx, batch in _batches(arrays, batch_size, desc, pad_to_multiple):
+        values = global_arrays.to_numpy(step(params_m, batch))
+        if out is None:
+            out = np.zeros((values.shape[0], len(arrays["label"])), values.dtype)
+        out[:, idx[idx >= 0]] = values[:, idx >= 0]
+    return out
 
 
 def per_sample_losses(eval_step, params_m, arrays, batch_size: int,
-                      desc: str | None = None) -> np.ndarray:
+                      desc: str | None = None, pad_to_multiple: int = 0) -> np.ndarray:
     """Loss of every example under each of M stacked models: `[M, N]` float64."""
-    out = [global_arrays.to_numpy(eval_step(params_m, b))[:, idx >= 0]
-           for idx, b in _batches(arrays, batch_size, desc)]
-    return np.concatenate(out, axis=1).astype(np.float64)
+    return _per_example(eval_step, params_m, arrays, batch_size, desc,
+                        pad_to_multiple).astype(np.float64)
 
 
 def validation_loss(eval_step, params_m, val_arrays, batch_size: int,
-                    desc: str | None = None) -> np.ndarray:
+                    desc: str | None = None, pad_to_multiple: int = 0) -> np.ndarray:
     """Mean loss per example `[M]` of M stacked models (`psm.evaluation.runner`'s signature)."""
-    return per_sample_losses(eval_step, params_m, val_arrays, batch_size, desc).mean(axis=1)
+    return per_sample_losses(eval_step, params_m, val_arrays, batch_size, desc,
+                             pad_to_multiple).mean(axis=1)
 
 
 # ---------------------------------------------------------------------- prediction
@@ -294,11 +352,9 @@ def make_predict_step(graphdef):
 
 
 def predictions(predict_step, params_m, arrays, batch_size: int,
-                desc: str | None = None) -> np.ndarray:
+                desc: str | None = None, pad_to_multiple: int = 0) -> np.ndarray:
     """`[M, N]` predictions: class ids (as floats) or regression values."""
-    out = [global_arrays.to_numpy(predict_step(params_m, b))[:, idx >= 0]
-           for idx, b in _batches(arrays, batch_size, desc)]
-    return np.concatenate(out, axis=1)
+    return _per_example(predict_step, params_m, arrays, batch_size, desc, pad_to_multiple)
 
 
 class Ensemble(nnx.Module):
@@ -381,13 +437,15 @@ def score_models(config, graphdef, eval_step, eval_k, merged: dict, task, arrays
                      ["ensemble"]))
     test = arrays["test"]
     ids = [int(e["id"]) for e in task.splits["test"]]
-    bs = config.eval.batch_size
+    bs, pad = config.eval.batch_size, padding_multiple(config)
     out = {}
     for gdef, step, params_m, run_names in runs:
-        val = validation_loss(step, params_m, arrays["validation"], bs, desc="validation loss")
-        preds = predictions(make_predict_step(gdef), params_m, test, bs, desc="test predictions")
+        val = validation_loss(step, params_m, arrays["validation"], bs, desc="validation loss",
+                              pad_to_multiple=pad)
+        preds = predictions(make_predict_step(gdef), params_m, test, bs, desc="test predictions",
+                            pad_to_multiple=pad)
         train = per_sample_losses(step, params_m, arrays["train"], bs,
-                                  desc="per-sample train loss")
+                                  desc="per-sample train loss", pad_to_multiple=pad)
         for m, name in enumerate(run_names):
             rows = test_records(task.name, preds[m], test["label"], ids)
             out[name] = {"val_loss": float(val[m]),

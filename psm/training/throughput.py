@@ -146,13 +146,14 @@ class BatchTokenCounter:
         self._row_loss = row_loss_tokens(rows_of)
         self._rows = rows
 
-    def __call__(self, indices) -> tuple[int, int]:
-        """(all token slots, loss tokens) of the batch of `indices` `[..., B]`."""
+    def __call__(self, indices, length: int | None = None) -> tuple[int, int]:
+        """(all token slots, loss tokens) of the batch of `indices` `[..., B]`, whose rows
+        hold `length` tokens (None: all T; cut encoder batches are shorter)."""
         indices = np.asarray(indices)
         loss = float(np.sum(self._row_loss[indices[indices >= 0]]))
         rows = indices.size if self._rows is None else (
             indices.size // indices.shape[-1] * self._rows)
-        return int(rows * self._row_len), int(round(loss))
+        return int(rows * (length or self._row_len)), int(round(loss))
 
 
 class StepTimer:

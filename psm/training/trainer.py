@@ -138,6 +138,11 @@ def validate_config(config) -> None:
                          "'regression')")
     else:
         _validate_model(config)
+        if config.task.get("pad_to_multiple", 0):
+            raise ValueError(f"config.task.pad_to_multiple={config.task.pad_to_multiple} cuts "
+                             "the padding of BERT batches (config.task.head 'classification' "
+                             "or 'regression'); decoder rows save padding with "
+                             "config.train.packing: set config.task.pad_to_multiple=0")
     # The mesh is built from the visible devices; building it here costs nothing
     # and fails (naming config.mesh.*) before the base is pre-trained.
     sharding.mesh_from_config(config, train.batch_size)
@@ -428,7 +433,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                    for split in ("train", "validation")}
     (train_arrays, train_stats), (val_arrays, val_stats) = encoded["train"], encoded["validation"]
     gather_batch = encoder_task.gather_batch if encoder else tasks.gather_batch
-    eval_loss = encoder_task.validation_loss if encoder else runner.validation_loss
+    # Encoders: each batch cut to the columns its longest example needs, rounded up to
+    # config.task.pad_to_multiple (0: all max_len columns); decoders pack instead.
+    pad_multiple = encoder_task.padding_multiple(config) if encoder else 0
+    eval_loss = (functools.partial(encoder_task.validation_loss, pad_to_multiple=pad_multiple)
+                 if encoder else runner.validation_loss)
     n_train = train_stats["examples"]
     batch_size = config.train.batch_size
     steps_per_epoch = orders.steps_per_epoch(n_train, batch_size)
@@ -524,18 +533,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t_train = time.time()
     bar = tqdm(range(start, total_steps), desc="train K replicas", initial=start,
                total=total_steps, mininterval=2.0, disable=not primary)
+    lengths_seen: set = set()  # batch lengths the step was compiled for (cut batches)
     with jax.set_mesh(mesh):
         for step in bar:
             idx = orders.batch_indices(step, **order_kw)
             # Each process gathers only the rows of its own shards (packed: those of its
-            # own replicas, whose examples it packs).
-            batch = distributed.global_batch(train_gather, train_arrays, idx, batch_sh,
+            # own replicas, whose examples it packs). Cut batches: every shard keeps the
+            # columns the whole step needs.
+            gather, length = train_gather, None
+            if pad_multiple:
+                length = encoder_task.batch_length(train_arrays, idx, pad_multiple)
+                gather = functools.partial(train_gather, length=length)
+            batch = distributed.global_batch(gather, train_arrays, idx, batch_sh,
                                              rows=train_rows)
-            params_k, opt_k, metrics = train_step(params_k, opt_k, batch)
+            if length in lengths_seen:
+                params_k, opt_k, metrics = train_step(params_k, opt_k, batch)
+            else:  # a new batch length compiles the step: not timed
+                with timer.excluded():
+                    params_k, opt_k, metrics = train_step(params_k, opt_k, batch)
+                    lengths_seen.add(length)
             pending.append((step, metrics))
             done = step + 1
             if timer.running:
-                timer.add(*count_tokens(idx))
+                timer.add(*count_tokens(idx, length=length))
             else:  # the compiling step: not timed
                 jax.block_until_ready((params_k, opt_k))
                 timer.start()

@@ -54,7 +54,7 @@ def read_config(path: str) -> dict:
 # older run was never packed: rerunning it under a config that now packs (the
 # decoder paper tasks) is refused as a different config, naming train.packing.
 _ADDED_SPEED_KEYS = (("model", "attention", "auto"), ("train", "loss_chunk", 0),
-                     ("train", "packing", False))
+                     ("train", "packing", False), ("task", "pad_to_multiple", 0))
 
 
 def upgrade_config(saved: dict) -> dict:
@@ -62,8 +62,9 @@ def upgrade_config(saved: dict) -> dict:
     it resumes instead of being refused as a different config.
 
     `model.remat` was a bool (True / False = today's 'full' / 'none');
-    `model.attention`, `train.loss_chunk` and `train.packing` did not exist
-    (read as 'auto', 0 and False). Other keys are left as they are.
+    `model.attention`, `train.loss_chunk`, `train.packing` and
+    `task.pad_to_multiple` did not exist (read as 'auto', 0, False and 0). Other
+    keys are left as they are.
     """
     out = json.loads(json.dumps(saved))  # a deep copy
     model = out.get("model")
