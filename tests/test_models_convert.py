@@ -281,6 +281,10 @@ def test_gguf_float_import_matches_source_model(tmp_path, tied):
     path = write_gguf(tmp_path / "m.gguf", config, pure)
     got_cfg, params, tok = load_gguf_llama(str(path))
     assert got_cfg == config
+    # Host arrays, contiguous: the trainer places them split over its mesh without any
+    # device holding the whole model first (psm.training.replicas.place_base).
+    assert all(isinstance(x, np.ndarray) and x.flags.c_contiguous
+               for x in jax.tree.leaves(params))
     tokens = _tokens(config.vocab_size)
     want = ours(config, llama.state_from_canonical(config, pure), tokens)
     np.testing.assert_allclose(ours(config, params, tokens), want, atol=1e-5, rtol=0)

@@ -256,3 +256,33 @@ def test_a_bad_flag_is_one_line_before_anything_starts(tmp_path):
         "run needs all three (--coordinator=host:port --num_processes=N --process_id=i), a "
         "single-process run none")
     assert not os.path.exists(tmp_path / "w")
+
+
+
+def test_a_base_that_differs_between_processes_is_refused_naming_the_leaf(monkeypatch):
+    """`distributed.check_same_values` (the base each process loaded itself): only
+    per-leaf hashes travel. Two processes are simulated: process_allgather returns this
+    process's hashes and those process 1 computed from its own values."""
+    from jax.experimental import multihost_utils
+    monkeypatch.setattr(distributed, "is_multiprocess", lambda: True)
+
+    def base(last=0.0):
+        return {"embed": np.arange(12, dtype=np.float32).reshape(3, 4),
+                "layers": [{"w": np.ones((2, 2), np.float32)},
+                           {"w": np.array([0.0, 0.0, last], np.float32)}]}
+
+    def hashes_of(tree):
+        seen = []
+        monkeypatch.setattr(multihost_utils, "process_allgather",
+                            lambda mine: seen.append(mine) or mine[None])
+        distributed.check_same_values(tree, "the base model")
+        return seen[0]
+
+    theirs = hashes_of(base(last=1e-45))  # process 1: one bit differs (a subnormal)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda mine: np.stack([mine, theirs]))
+    with pytest.raises(ValueError, match=r"the base model differs between processes: "
+                                         r"process\(es\) \[1\] hold other values than "
+                                         r"process 0 in \['layers'\]\[1\]\['w'\]; every"):
+        distributed.check_same_values(base(), "the base model")
+    distributed.check_same_values(base(last=1e-45), "the base model")  # the same bits

@@ -166,6 +166,29 @@ def test_merge_and_evaluation_run_on_the_sharded_state():
     np.testing.assert_allclose(got, _eval(jax.tree.map(lambda x: x[None], one), held), rtol=1e-5)
 
 
+def test_a_base_of_host_arrays_is_placed_split_like_one_replica():
+    """What the checkpoint loaders return (host arrays) goes to the devices in parts:
+    every split leaf's device shards are smaller than the leaf, the layout is one
+    replica's (the stacked spec without its replica entry) and the values are the host's."""
+    _needs_8()
+    mesh = sharding.make_mesh(K, B, replica=2, fsdp=2, tensor=2)
+    _, base = nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))
+    host = jax.tree.map(np.asarray, base)
+    placed = _leaves(replicas.place_base(host, K, mesh))
+    stacked = _leaves(sharding.state_shardings(
+        jax.eval_shape(functools.partial(replicas.stack, k=K), host), mesh))
+    wanted = _leaves(host)
+    assert set(placed) == set(wanted) and len(placed) > 5
+    split = 0
+    for name, x in placed.items():
+        assert x.sharding.spec == P(*tuple(stacked[name].spec)[1:]), name
+        np.testing.assert_array_equal(np.asarray(x), wanted[name])
+        if any(axis is not None for axis in x.sharding.spec):
+            split += 1
+            assert all(s.data.size < x.size for s in x.addressable_shards), name
+    assert split >= 5  # embeddings, projections: the rules split the large leaves
+
+
 def test_mesh_errors_name_the_config_key_and_sizes():
     with pytest.raises(ValueError, match=r"config\.mesh\.replica \(3\) must divide "
                                          r"config\.num_replicas \(4\)"):

@@ -15,7 +15,6 @@ import re
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -126,7 +125,10 @@ def load_params(abstract_state: nnx.State, slots: Mapping[Path, Slot], source: T
       stacked_prefix: e.g. `"layers"` when the target stacks layers (scan
         layout); each stacked leaf is assembled from its per-layer tensors.
     Returns:
-      The filled `nnx.State` (parameters in the abstract state's dtypes).
+      The filled `nnx.State` (parameters in the abstract state's dtypes) holding
+      host NumPy arrays: nothing is put on a device here, so a caller places the
+      model as it will be used (split over a mesh, `jax.device_put` with its
+      shardings) without any one device ever holding the whole model first.
     """
     target = flat_shapes(abstract_state)
     canon = {}
@@ -143,19 +145,18 @@ def load_params(abstract_state: nnx.State, slots: Mapping[Path, Slot], source: T
     if uncovered:
         raise ValueError(f"no source tensor is mapped to parameters {uncovered} ({what})")
 
-    values: dict[Path, jax.Array] = {}
+    values: dict[Path, np.ndarray] = {}
     groups: dict[Path, list[Path]] = {}
     for path in slots:
         if stacked_prefix is not None and path[0] == stacked_prefix:
             groups.setdefault((path[0],) + path[2:], []).append(path)
         else:
             dtype = target[path].dtype
-            values[path] = jnp.asarray(np.asarray(slots[path].read(source), dtype))
+            values[path] = np.ascontiguousarray(slots[path].read(source), dtype)
     for key, paths in groups.items():
         paths = sorted(paths, key=lambda p: int(p[1]))
         dtype = target[key].dtype
-        values[key] = jnp.asarray(np.stack([np.asarray(slots[p].read(source), dtype)
-                                            for p in paths]))
+        values[key] = np.stack([np.asarray(slots[p].read(source), dtype) for p in paths])
     pure: dict = {}
     for path, x in values.items():
         node = pure

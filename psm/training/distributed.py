@@ -5,7 +5,8 @@ several on one host), all on one `(replica, fsdp, tensor)` mesh over every
 process's devices. Every process runs the same steps in the same order:
 
 * `initialize` starts JAX's distributed runtime (before any JAX computation);
-* `check_same_config` stops every process when they were given different configs;
+* `check_same_config` stops every process when they were given different configs,
+  `check_same_values` when they loaded different base models;
 * each process builds only its own shards of the `[K, B, T]` training batch
   (`global_batch`), so the global batch is the one a single process would build;
 * training state, metrics and checkpoints are global arrays; orbax writes and
@@ -121,6 +122,38 @@ def from_primary(tree: Any) -> Any:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
     return multihost_utils.broadcast_one_to_all(tree)
+
+
+def check_same_values(tree: Any, what: str) -> None:
+    """Stops every process, with the same message, unless all hold the same bits.
+
+    For values each process read itself that must agree (the base model loaded
+    from a checkpoint on every host): each process hashes its host copy of every
+    leaf and only the hashes are gathered, so no device ever receives the whole
+    model (as `from_primary` would have it). One process: nothing to check.
+
+    Raises:
+      ValueError: naming the leaves and the processes that differ from process 0.
+    """
+    if not is_multiprocess():
+        return
+    import hashlib
+
+    import jax
+    from jax.experimental import multihost_utils
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    mine = np.array([int.from_bytes(hashlib.blake2b(
+        np.ascontiguousarray(jax.device_get(x)).tobytes(), digest_size=4).digest(), "little")
+        for _, x in leaves], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(leaves))
+    bad = sorted({jax.tree_util.keystr(leaves[j][0]) for j in np.nonzero(
+        (every != every[0]).any(axis=0))[0]})
+    if bad:
+        procs = [int(i) for i in np.nonzero((every != every[0]).any(axis=1))[0]]
+        raise ValueError(f"{what} differs between processes: process(es) {procs} hold other "
+                         f"values than process 0 in {', '.join(bad[:10])}"
+                         f"{' ...' if len(bad) > 10 else ''}; every process must read the "
+                         "same checkpoint files")
 
 
 def global_batch(gather: Callable[[dict, np.ndarray], dict], arrays: dict,

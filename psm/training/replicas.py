@@ -218,6 +218,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    out_shardings=(state_sharding, opt_sharding, metric_sharding))
 
 
+def place_base(base: Any, k: int, mesh) -> Any:
+    """`base` on the mesh, laid out like one of `k` stacked replicas (`sharding.unstacked`).
+
+    From host arrays (what `psm.models.weights.load_params` returns) each device
+    receives only its own part, so no device ever holds the whole model.
+    """
+    stacked = sharding.state_shardings(jax.eval_shape(functools.partial(stack, k=k), base),
+                                       mesh)
+    return jax.device_put(base, jax.tree.map(sharding.unstacked, stacked))
+
+
 def place_state(base: Any, k: int, tx: optax.GradientTransformation, mesh):
     """K stacked copies of `base` and their optimizer state, created sharded.
 

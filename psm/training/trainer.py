@@ -454,20 +454,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = sharding.mesh_from_config(config, batch_size)
     batch_sh = sharding.batch_sharding(mesh)
     tx, lr_schedule = make_optimizer(config, total_steps)
-    # The replicas are stacked from a host copy of `base` when it is pinned to one
-    # device (a cached base is restored so), which a jit onto the whole mesh
-    # refuses. Several processes each made `base` on their own devices: all take
-    # process 0's bits.
-    placed = base
-    if distributed.is_multiprocess():
-        placed = distributed.from_primary(base)
-    elif any(getattr(x, "committed", False) for x in jax.tree.leaves(base)):
-        placed = jax.device_get(base)
-    params_k, opt_k, state_sh, opt_sh = replicas.place_state(placed, k, tx, mesh)
-    # The base the merges and diagnostics read is laid out like one replica (split
-    # inside every replica group), as the merged models are.
-    base = jax.device_put(placed, jax.tree.map(sharding.unstacked, state_sh))
-    del placed
+    # The base goes to the devices split like one replica (split inside every replica
+    # group, as the merged models are; the merges and diagnostics read it so), each
+    # device receiving only its part of the host arrays a checkpoint loads into, and
+    # the K replicas are stacked from it there. A base pinned to one device (a cached
+    # base is restored so) is first copied to the host. Several processes each made
+    # `base` on their own: a loaded checkpoint (or a seeded random init) must agree
+    # bit for bit, which is checked by hashes; a base pre-trained here is taken from
+    # process 0 (a broadcast that holds it whole on every device: small models only).
+    if distributed.is_multiprocess() and config.model.init == "pretrain":
+        base = distributed.from_primary(base)
+    else:
+        distributed.check_same_values(base, "the base model")
+        if any(getattr(x, "committed", False) for x in jax.tree.leaves(base)):
+            base = jax.device_get(base)
+    base = replicas.place_base(base, k, mesh)
+    params_k, opt_k, state_sh, opt_sh = replicas.place_state(base, k, tx, mesh)
     if encoder:
         train_step = encoder_task.make_train_step(graphdef, tx, state_sh, batch_sh, opt_sh)
         eval_step = encoder_task.make_eval_step(graphdef)
