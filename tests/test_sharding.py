@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_dict
 
 from psm import merge
+from psm.evaluation import lm
 from psm.training import replicas, sharding
 from psm.models.llama import Llama, LlamaConfig
 
@@ -164,6 +165,20 @@ def test_merge_and_evaluation_run_on_the_sharded_state():
         stacked_avg = jax.tree.map(lambda x: x[None], merged["average"])
         got = _eval(stacked_avg, held)
     np.testing.assert_allclose(got, _eval(jax.tree.map(lambda x: x[None], one), held), rtol=1e-5)
+    # The K replicas and the merge scored together, as the trainer does: M = 5 models on
+    # 2 replica groups are padded to 6 and split over `replica`, 3 models per group.
+    models = [replicas.unstack(params, i) for i in range(K)] + [merged["average"]]
+    with jax.set_mesh(mesh):
+        stacked = lm.stack_models(models)
+        got = _eval(stacked, held)
+    for path, x in _leaves(stacked).items():
+        assert x.shape[0] == 6 and x.sharding.spec[0] == "replica", path
+        assert x.sharding.shard_shape(x.shape)[0] == 3, path
+    host = [jax.device_get(t) for t in models]
+    want = _eval(lm.stack_models(host), held)
+    assert want.shape[0] == 5  # no mesh: stacked as they are
+    np.testing.assert_allclose(got[:5], want, rtol=1e-5)
+    np.testing.assert_allclose(got[5], want[4], rtol=1e-5)  # the repeat of the last model
 
 
 def test_a_base_of_host_arrays_is_placed_split_like_one_replica():

@@ -86,22 +86,34 @@ def generate_texts(graphdef, params_m, tokenizer, prompts: list[str], *, batch_s
 
 
 def stack_models(trees: list) -> object:
-    """Stacks M trees of identical structure into one `[M, ...]` tree.
+    """Stacks M trees of identical structure into one `[M', ...]` tree, M' >= M.
 
     A leaf split by a `NamedSharding` (the models of a sharded run, of several
-    processes included) is stacked by one jitted copy onto the same split with an
-    unsplit leading M axis, so every model stays split as before.
+    processes included) is stacked by one jitted copy onto the same split, each
+    model staying split as before. Where that mesh has R > 1 replica groups and
+    M >= R, the M axis is split over `replica` as the K replicas are in
+    training: M is padded to M' (a multiple of R) by repeating the last model,
+    and each group holds M'/R models instead of all M. Rows from M on are those
+    repeats: callers read the first M rows of what they score (they do, by
+    model name). Otherwise (no mesh, R = 1, or fewer models than groups) M' = M
+    and the M axis is not split.
     """
+    m = len(trees)
+    sh = getattr(jax.tree.leaves(trees[0])[0], "sharding", None)
+    groups = (sh.mesh.shape.get("replica", 1) if isinstance(sh, NamedSharding) else 1)
+    split = groups > 1 and m >= groups
+    if split:
+        trees = list(trees) + [trees[-1]] * (-m % groups)
+
     def stack(*xs):
         sh = getattr(xs[0], "sharding", None)
         if isinstance(sh, NamedSharding):
-            out = NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec))
+            out = NamedSharding(sh.mesh, PartitionSpec("replica" if split else None, *sh.spec))
             return global_arrays.in_order(
                 jax.jit(lambda *a: jnp.stack(a), out_shardings=out)(*xs))
         return jnp.stack(xs)
 
     return jax.tree.map(stack, *trees)
-
 
 
 class LogitEnsemble(nnx.Module):
