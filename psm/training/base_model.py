@@ -17,6 +17,7 @@ import logging
 
 from psm.models import llama, registry
 from psm.models.tokenizer import Tokenizer
+from psm.training import sharding
 from psm.training.pretrain import init_params, pretrain_base
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,16 @@ def tokenizer_of(model_cfg) -> Tokenizer:
                      f"use one of {list(registry.KINDS)} with a path where needed")
 
 
-def load_base(config, workdir: str, task_tokenizer=None):
+def load_base(config, workdir: str, task_tokenizer=None, mesh=None):
     """Returns `(graphdef, base params, model tokenizer or None, LlamaConfig)`.
 
     Args:
       task_tokenizer: the task's own tokenizer (synthetic tasks), used by 'pretrain'.
+      mesh: the run's mesh; a 'pretrain' base's shapes are checked against it before
+        pre-training, so that a mesh axis that does not divide a parameter (say
+        `config.mesh.tensor` and the vocabulary) is refused before minutes of work.
+    Raises:
+      ValueError: a mesh axis that does not divide a parameter ('pretrain' only).
     """
     init = config.model.init
     if init not in INITS:
@@ -79,6 +85,8 @@ def load_base(config, workdir: str, task_tokenizer=None):
         graphdef, params = init_params(model_cfg, config.seed)
         return graphdef, params, tokenizer, model_cfg
     cfg = _arch(config, task_tokenizer.vocab_size)
+    if mesh is not None:
+        sharding.state_shardings(llama.abstract_model(cfg)[1], mesh, stacked=False)
     graphdef, params = pretrain_base(config, workdir, cfg, task_tokenizer)
     return graphdef, params, None, cfg
 

@@ -414,6 +414,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if resuming and primary:  # a corrupt metrics.jsonl is refused now, not after the base
         read_metrics(workdir, torn_tail="drop")  # model is built
 
+    # (replica, fsdp, tensor): each replica's parameters and Adam state are split
+    # by psm.training.sharding.LOGICAL_RULES inside its replica group. Made before the
+    # base, so that a pre-trained base is checked against it before it is pre-trained.
+    batch_size = config.train.batch_size
+    mesh = sharding.mesh_from_config(config, batch_size)
+
     # ------------------------------------------------- base model, task, data
     encoder = encoder_task.is_encoder(config)
     if encoder:
@@ -424,8 +430,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     else:
         if config.model.init == "pretrain":
             task = tasks.get_task(config.task)
-            graphdef, base, tokenizer, model_cfg = base_model.load_base(config, workdir,
-                                                                         task.tokenizer)
+            graphdef, base, tokenizer, model_cfg = base_model.load_base(
+                config, workdir, task.tokenizer, mesh=mesh)
         else:
             graphdef, base, tokenizer, model_cfg = base_model.load_base(config, workdir)
             task = paper_tasks.paper_task(config.task, tokenizer)
@@ -439,7 +445,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_loss = (functools.partial(encoder_task.validation_loss, pad_to_multiple=pad_multiple)
                  if encoder else runner.validation_loss)
     n_train = train_stats["examples"]
-    batch_size = config.train.batch_size
     steps_per_epoch = orders.steps_per_epoch(n_train, batch_size)
     total_steps = steps_per_epoch * config.train.epochs
     order_kw = dict(data_seed=config.data_seed, num_replicas=k, num_samples=n_train,
@@ -448,10 +453,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              task.name, n_train, val_stats["examples"], len(task.splits["test"]),
              steps_per_epoch, total_steps)
 
-    # ----------------------------------------------------- replicas and mesh
-    # (replica, fsdp, tensor): each replica's parameters and Adam state are split
-    # by psm.training.sharding.LOGICAL_RULES inside its replica group.
-    mesh = sharding.mesh_from_config(config, batch_size)
+    # ----------------------------------------------------- replicas on the mesh
     batch_sh = sharding.batch_sharding(mesh)
     tx, lr_schedule = make_optimizer(config, total_steps)
     # The base goes to the devices split like one replica (split inside every replica
