@@ -261,7 +261,7 @@ def test_a_mesh_that_does_not_divide_a_parameter_is_refused_before_compiling():
 def test_a_mesh_that_does_not_divide_the_vocabulary_is_refused_before_pre_training(
         tmp_path, monkeypatch):
     _needs_8()
-    from psm.training import pretrain, trainer
+    from psm.training import trainer
     from tiny_config import tiny_test_config
     # The tiny task's vocabulary has 69 tokens; tensor = 2 divides every other dimension.
     config = tiny_test_config(**{"mesh.replica": 2, "mesh.tensor": 2})
@@ -269,8 +269,7 @@ def test_a_mesh_that_does_not_divide_the_vocabulary_is_refused_before_pre_traini
     def pretrain_base(*args, **kwargs):
         raise AssertionError("pre-training started before the mesh was checked")
 
-    monkeypatch.setattr(pretrain, "pretrain_base", pretrain_base)
-    monkeypatch.setattr(trainer.base_model, "pretrain_base", pretrain_base)
+    monkeypatch.setattr(trainer.base_model, "pretrain_base", pretrain_base)  # the name it calls
     with pytest.raises(ValueError, match=r"config\.mesh\.tensor \(2\) does not divide dimension "
                                          r"0 \('vocab', size 69\) of embed/embedding"):
         trainer.train_and_evaluate(config, str(tmp_path / "run"))
